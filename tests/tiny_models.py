@@ -1,0 +1,61 @@
+"""Tiny random causal (Llama) and seq2seq (T5) models saved as real from_pretrained folders, for fast tests.
+
+The tokenizer is a real byte-level BPE trained here on a few sentences, so tokenization is exercised for real.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+CORPUS = [
+    "positive negative neutral yes no true false neither entailment contradiction",
+    "the movie was great and the acting was wonderful",
+    "the film was terrible and boring, a waste of time",
+    "premise hypothesis question answer sentence label review text",
+    "what is the capital of france? who wrote the book? how many people live there?",
+    "business sport politics tech entertainment news about the economy",
+] * 20
+
+
+def _tokenizer(eos: str, pad: str):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=[pad, eos], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos, pad_token=pad)
+
+
+def build_tiny_causal(path: Path, seed: int = 0) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = _tokenizer("<|endoftext|>", "<|pad|>")
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
+    )
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def build_tiny_t5(path: Path, seed: int = 0) -> Path:
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    tokenizer = _tokenizer("</s>", "<pad>")
+    torch.manual_seed(seed)
+    config = T5Config(
+        vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id,
+    )
+    T5ForConditionalGeneration(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

@@ -1,0 +1,317 @@
+"""A frozen language model with soft prompts: ONE forward path, per-row prompts.
+
+Every caller (training, evaluation, weight search, serving) goes through `_input_hidden`, which runs a batch whose
+rows each carry their own prompt. A prompt is either a tensor `[B|1, L, d]` (1 broadcasts, as in training) or a
+`PromptPrefix`: for causal models the prompt comes first, so its attention keys/values depend on the prompt alone
+and can be computed once and reused across batches (evaluation, weight search, serving).
+
+Logits are computed only where a loss or a score needs them (the target positions), never over every position
+and the whole vocabulary: on a 49k-vocabulary model that is most of the step's cost.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, Field
+from torch import Tensor
+
+from tpv.bundled import BUNDLED, DEFAULT_BACKBONE, resolve_model_path
+
+
+class BackboneConfig(BaseModel):
+    """Which frozen model, where it runs, and how long its inputs may be."""
+
+    model: str = Field(DEFAULT_BACKBONE, description="a bundled name or a local from_pretrained folder")
+    device: str | None = Field(None, description="cpu, cuda, cuda:1...; None picks cuda when available")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    max_source_tokens: int = Field(256, ge=8, description="longer sources keep their last tokens")
+    max_target_tokens: int = Field(16, ge=1)
+
+
+@dataclass(frozen=True)
+class PromptPrefix:
+    """Attention keys/values of soft prompts [N, heads, L, head_dim] per layer (causal backbones only)."""
+
+    layers: tuple[tuple[Tensor, Tensor], ...]
+    length: int
+
+    @property
+    def rows(self) -> int:
+        return self.layers[0][0].shape[0]
+
+    def select(self, index: Tensor) -> PromptPrefix:
+        """Rows of this prefix in a new order (e.g. one composition per request in a mixed batch)."""
+        return PromptPrefix(tuple((k.index_select(0, index), v.index_select(0, index)) for k, v in self.layers), self.length)
+
+    @staticmethod
+    def cat(prefixes: list[PromptPrefix]) -> PromptPrefix:
+        """Stack prefixes of equal length along rows."""
+        if len({p.length for p in prefixes}) != 1:
+            raise ValueError("prompt prefixes of different lengths cannot share a batch")
+        layers = tuple(
+            (torch.cat([p.layers[i][0] for p in prefixes]), torch.cat([p.layers[i][1] for p in prefixes]))
+            for i in range(len(prefixes[0].layers))
+        )
+        return PromptPrefix(layers, prefixes[0].length)
+
+    def nbytes(self) -> int:
+        return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in self.layers)
+
+
+Prompt = Tensor | PromptPrefix
+
+
+def _pick_device(requested: str | None) -> torch.device:
+    if requested:
+        return torch.device(requested)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _pick_dtype(requested: str, device: torch.device) -> torch.dtype:
+    if requested != "auto":
+        return getattr(torch, requested)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def _backbone_id(name_or_path: str) -> str:
+    """A store-safe name: the bundled name, or the folder's base name lower-cased."""
+    if name_or_path in BUNDLED:
+        return name_or_path
+    base = name_or_path.rstrip("/").split("/")[-1].lower()
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in base).strip(".") or "model"
+
+
+class Backbone:
+    """A frozen seq2seq or causal LM + tokenizer. Only prompts ever receive gradients."""
+
+    def __init__(self, model, tokenizer, config: BackboneConfig):
+        self.model = model.eval().requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.config = config
+        self.backbone_id = _backbone_id(config.model)
+        self.is_seq2seq = bool(model.config.is_encoder_decoder)
+        self.hidden_size = int(model.get_input_embeddings().weight.shape[1])
+        self.vocab_size = int(model.get_input_embeddings().weight.shape[0])
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.eos_id = tokenizer.eos_token_id
+        text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        self._softcap = getattr(text_config, "final_logit_softcapping", None)
+
+    @classmethod
+    def load(cls, config: BackboneConfig | str | None = None) -> Backbone:
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+
+        if not isinstance(config, BackboneConfig):
+            config = BackboneConfig(model=config or DEFAULT_BACKBONE)
+        path = resolve_model_path(config.model)
+        device = _pick_device(config.device)
+        dtype = _pick_dtype(config.dtype, device)
+        model_config = AutoConfig.from_pretrained(path)
+        auto = AutoModelForSeq2SeqLM if model_config.is_encoder_decoder else AutoModelForCausalLM
+        model = auto.from_pretrained(path, dtype=dtype).to(device)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        return cls(model, tokenizer, config)
+
+    # ---- embeddings -------------------------------------------------------------------------------------------
+    def embed(self, ids: Tensor) -> Tensor:
+        """Token embeddings exactly as the model's own input layer makes them (Gemma scales by sqrt(d))."""
+        return self.model.get_input_embeddings()(ids.to(self.device))
+
+    # ---- tokenization -----------------------------------------------------------------------------------------
+    def _source_ids(self, sources: list[str]) -> list[list[int]]:
+        out = []
+        for ids in self.tokenizer(list(sources), add_special_tokens=self.is_seq2seq)["input_ids"]:
+            out.append(ids[-self.config.max_source_tokens :])
+        return out
+
+    def _target_ids(self, targets: list[str], eos: bool) -> list[list[int]]:
+        """Causal targets follow the source after a space; seq2seq targets are decoder labels ending in EOS."""
+        if self.is_seq2seq:
+            ids = self.tokenizer(list(targets), add_special_tokens=True)["input_ids"]
+        else:
+            ids = self.tokenizer([" " + t for t in targets], add_special_tokens=False)["input_ids"]
+            if eos:
+                ids = [row + [self.eos_id] for row in ids]
+        return [row[: self.config.max_target_tokens] for row in ids]
+
+    def _pad(self, rows: list[list[int]], left: bool = False) -> tuple[Tensor, Tensor]:
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            if left:
+                ids[i, width - len(r) :] = torch.tensor(r)
+                mask[i, width - len(r) :] = 1
+            else:
+                ids[i, : len(r)] = torch.tensor(r)
+                mask[i, : len(r)] = 1
+        return ids.to(self.device), mask.to(self.device)
+
+    # ---- the one forward path ---------------------------------------------------------------------------------
+    def prefix(self, prompts: Tensor) -> PromptPrefix:
+        """Compute the keys/values of prompts [N, L, d] once (causal backbones)."""
+        if self.is_seq2seq:
+            raise ValueError("prompt prefixes apply to causal backbones; seq2seq prompts go through the encoder")
+        prompts = self._as_batch(prompts, None)
+        out = self.model.base_model(inputs_embeds=prompts, use_cache=True)
+        cache = out.past_key_values
+        layers = tuple((layer.keys, layer.values) for layer in cache.layers)
+        return PromptPrefix(layers, prompts.shape[1])
+
+    def _as_batch(self, prompts: Tensor, rows: int | None) -> Tensor:
+        if prompts.dim() == 2:
+            prompts = prompts.unsqueeze(0)
+        if prompts.dim() != 3 or prompts.shape[-1] != self.hidden_size:
+            raise ValueError(f"prompts must be [B, L, {self.hidden_size}] or [L, {self.hidden_size}], got {tuple(prompts.shape)}")
+        prompts = prompts.to(self.device, self.dtype)
+        if rows is not None and prompts.shape[0] != rows:
+            if prompts.shape[0] != 1:
+                raise ValueError(f"{prompts.shape[0]} prompts for a batch of {rows} rows")
+            prompts = prompts.expand(rows, -1, -1)
+        return prompts
+
+    def _input_hidden(self, prompt: Prompt, ids: Tensor, mask: Tensor) -> Tensor:
+        """Causal: last hidden states at the input positions [B, T, d], prompt first, one row one prompt."""
+        rows, width = ids.shape
+        if isinstance(prompt, PromptPrefix):
+            from transformers import DynamicCache
+
+            prefix = prompt if prompt.rows == rows else prompt.select(torch.zeros(rows, dtype=torch.long, device=self.device))
+            if prefix.rows != rows:
+                raise ValueError(f"{prompt.rows} prompt prefixes for a batch of {rows} rows")
+            cache = DynamicCache(ddp_cache_data=prefix.layers, config=self.model.config)
+            length = prefix.length
+            full_mask = torch.cat([torch.ones(rows, length, dtype=mask.dtype, device=self.device), mask], dim=1)
+            positions = torch.arange(length, length + width, device=self.device).unsqueeze(0).expand(rows, -1)
+            out = self.model.base_model(
+                inputs_embeds=self.embed(ids), attention_mask=full_mask, position_ids=positions,
+                past_key_values=cache, use_cache=True,
+            )
+            return out.last_hidden_state
+        prompts = self._as_batch(prompt, rows)
+        length = prompts.shape[1]
+        embeds = torch.cat([prompts, self.embed(ids)], dim=1)
+        full_mask = torch.cat([torch.ones(rows, length, dtype=mask.dtype, device=self.device), mask], dim=1)
+        out = self.model.base_model(inputs_embeds=embeds, attention_mask=full_mask, use_cache=False)
+        return out.last_hidden_state[:, length:]
+
+    def _logprobs_at(self, hidden: Tensor) -> Tensor:
+        """Log-probabilities over the vocabulary for the gathered hidden states [N, d] only."""
+        logits = self.model.get_output_embeddings()(hidden).float()
+        if self._softcap:
+            logits = torch.tanh(logits / self._softcap) * self._softcap
+        return torch.log_softmax(logits, dim=-1)
+
+    def _target_logprobs(self, prompt: Prompt, sources: list[str], target_ids: list[list[int]]) -> tuple[Tensor, Tensor]:
+        """Per-token log-probabilities of the targets [N_tokens] and the row of each token [N_tokens]."""
+        source_ids = self._source_ids(sources)
+        if self.is_seq2seq:
+            return self._seq2seq_target_logprobs(prompt, source_ids, target_ids)
+        ids, mask = self._pad([s + t for s, t in zip(source_ids, target_ids)])
+        hidden = self._input_hidden(prompt, ids, mask)
+        row_index, pos_index, token_ids = [], [], []
+        for row, (s, t) in enumerate(zip(source_ids, target_ids)):
+            for j, tok in enumerate(t):
+                row_index.append(row)
+                pos_index.append(len(s) + j - 1)  # hidden at p-1 predicts token p
+                token_ids.append(tok)
+        rows_t = torch.tensor(row_index, device=self.device)
+        picked = hidden[rows_t, torch.tensor(pos_index, device=self.device)]
+        logp = self._logprobs_at(picked).gather(1, torch.tensor(token_ids, device=self.device).unsqueeze(1)).squeeze(1)
+        return logp, rows_t
+
+    def _seq2seq_target_logprobs(self, prompt: Prompt, source_ids, target_ids) -> tuple[Tensor, Tensor]:
+        if isinstance(prompt, PromptPrefix):
+            raise ValueError("prompt prefixes apply to causal backbones only")
+        ids, mask = self._pad(source_ids)
+        prompts = self._as_batch(prompt, ids.shape[0])
+        embeds = torch.cat([prompts, self.embed(ids)], dim=1)
+        full_mask = torch.cat([torch.ones(ids.shape[0], prompts.shape[1], dtype=mask.dtype, device=self.device), mask], 1)
+        labels, label_mask = self._pad(target_ids)
+        labels = labels.masked_fill(label_mask == 0, -100)
+        logits = self.model(inputs_embeds=embeds, attention_mask=full_mask, labels=labels).logits.float()
+        logp = torch.log_softmax(logits, -1).gather(2, labels.clamp(min=0).unsqueeze(2)).squeeze(2)
+        keep = label_mask.bool()
+        rows_t = torch.arange(ids.shape[0], device=self.device).unsqueeze(1).expand_as(keep)[keep]
+        return logp[keep], rows_t
+
+    # ---- what callers use -------------------------------------------------------------------------------------
+    def loss(self, prompt: Prompt, sources: list[str], targets: list[str]) -> Tensor:
+        """Mean token cross-entropy of the targets (causal targets end in EOS so generation stops)."""
+        self._check_rows(prompt, len(sources))
+        logp, _ = self._target_logprobs(prompt, sources, self._target_ids(targets, eos=True))
+        return -logp.mean()
+
+    @torch.no_grad()
+    def score_labels(self, prompt: Prompt, sources: list[str], labels: list[str]) -> Tensor:
+        """Summed log-likelihood of each label string after each source: [B, C] (rank classification).
+
+        When every label is one token (the common case on causal models) one forward of B rows gives all C
+        scores from the last source position; otherwise each (source, label) pair is a row.
+        """
+        self._check_rows(prompt, len(sources))
+        if not labels:
+            raise ValueError("no labels to score")
+        label_ids = self._target_ids(labels, eos=False)
+        rows, n_labels = len(sources), len(labels)
+        if not self.is_seq2seq and all(len(t) == 1 for t in label_ids):
+            source_ids = self._source_ids(sources)
+            ids, mask = self._pad(source_ids)
+            hidden = self._input_hidden(prompt, ids, mask)
+            last = torch.tensor([len(s) - 1 for s in source_ids], device=self.device)
+            logp = self._logprobs_at(hidden[torch.arange(rows, device=self.device), last])
+            return logp[:, torch.tensor([t[0] for t in label_ids], device=self.device)].cpu()
+        expanded = self._repeat_rows(prompt, rows, n_labels)
+        logp, row_of = self._target_logprobs(
+            expanded, [s for s in sources for _ in labels], [t for _ in sources for t in label_ids]
+        )
+        scores = torch.zeros(rows * n_labels, device=self.device).index_add_(0, row_of, logp)
+        return scores.view(rows, n_labels).cpu()
+
+    def _check_rows(self, prompt: Prompt, rows: int) -> None:
+        """Fail before any work when a batch brings neither one prompt nor one per row."""
+        n = prompt.rows if isinstance(prompt, PromptPrefix) else self._as_batch(prompt, None).shape[0]
+        if n not in (1, rows):
+            raise ValueError(f"{n} prompts for a batch of {rows} rows")
+        if not rows:
+            raise ValueError("an empty batch: give at least one source")
+
+    def _repeat_rows(self, prompt: Prompt, rows: int, times: int) -> Prompt:
+        if isinstance(prompt, PromptPrefix):
+            base = torch.arange(prompt.rows, device=self.device) if prompt.rows == rows else torch.zeros(rows, dtype=torch.long, device=self.device)
+            return prompt.select(base.repeat_interleave(times))
+        prompts = self._as_batch(prompt, None)
+        return prompts if prompts.shape[0] == 1 else prompts.repeat_interleave(times, dim=0)
+
+    @torch.no_grad()
+    def generate(self, prompt: Tensor, sources: list[str], max_new_tokens: int = 16) -> list[str]:
+        """Greedy generation after the soft prompt; returns only the new text, stripped."""
+        self._check_rows(prompt, len(sources))
+        source_ids = self._source_ids(sources)
+        prompts = self._as_batch(prompt, len(sources))
+        length = prompts.shape[1]
+        ids, mask = self._pad(source_ids, left=not self.is_seq2seq)
+        token_embeds = self.embed(ids)
+        if self.is_seq2seq:
+            embeds = torch.cat([prompts, token_embeds], 1)
+            full_mask = torch.cat([torch.ones(len(sources), length, dtype=mask.dtype, device=self.device), mask], 1)
+        else:  # left padding goes before the prompt so every row ends where generation starts
+            embeds = torch.zeros(len(sources), length + ids.shape[1], self.hidden_size, dtype=self.dtype, device=self.device)
+            full_mask = torch.zeros(len(sources), length + ids.shape[1], dtype=mask.dtype, device=self.device)
+            for i, s in enumerate(source_ids):
+                start = ids.shape[1] - len(s)
+                embeds[i, start : start + length] = prompts[i]
+                embeds[i, start + length :] = token_embeds[i, start:]
+                full_mask[i, start:] = 1
+        out = self.model.generate(
+            inputs_embeds=embeds, attention_mask=full_mask, max_new_tokens=max_new_tokens, do_sample=False,
+            pad_token_id=self.pad_id, eos_token_id=self.eos_id,
+        )
+        return [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
