@@ -1,0 +1,173 @@
+"""TaskPromptVector, VectorMeta and the similarity measures, on real tensors."""
+
+import hashlib
+import math
+
+import numpy as np
+import pytest
+import torch
+from pydantic import ValidationError
+
+from tpv.vectors import (
+    TaskPromptVector,
+    VectorError,
+    VectorMeta,
+    cosine_similarity,
+    make_vector_id,
+    similarity_matrix,
+    tensor_sha256,
+)
+
+
+def _randn(*shape: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _vec(seed: int = 0, task: str = "sst2", backbone: str = "t5-base", shape=(5, 8)) -> TaskPromptVector:
+    return TaskPromptVector.create(_randn(*shape, seed=seed), task=task, backbone_id=backbone, origin_seed=seed)
+
+
+def test_from_prompts_is_tuned_minus_origin_with_filled_meta():
+    origin, tuned = _randn(5, 8, seed=1), _randn(5, 8, seed=2)
+    v = TaskPromptVector.from_prompts(
+        tuned, origin, task="mnli", backbone_id="t5-base", origin_seed=3, metrics={"acc": 0.8}, train_config={"lr": 0.3}
+    )
+    assert torch.equal(v.tensor, tuned - origin)
+    assert v.meta.prompt_length == 5 and v.meta.hidden_size == 8 and v.shape == (5, 8)
+    assert v.meta.sha256 == tensor_sha256(tuned - origin)
+    assert v.vector_id == make_vector_id("mnli", 3, v.meta.sha256) == f"mnli-s3-{v.meta.sha256[:12]}"
+    assert v.meta.kind == "task" and v.meta.parents == [] and v.meta.metrics == {"acc": 0.8}
+    assert v.tensor.dtype == torch.float32
+
+
+def test_sha256_is_of_float32_little_endian_bytes():
+    t = _randn(3, 4)
+    assert tensor_sha256(t) == hashlib.sha256(t.numpy().astype("<f4").tobytes()).hexdigest()
+    assert tensor_sha256(t.double()) == tensor_sha256(t)  # hashed as float32
+    assert tensor_sha256(t.T.contiguous().T) == tensor_sha256(t)  # layout does not matter
+
+
+def test_apply_recovers_the_tuned_prompt_and_works_on_another_origin():
+    origin, tuned = _randn(5, 8, seed=1), _randn(5, 8, seed=2)
+    v = TaskPromptVector.from_prompts(tuned, origin, task="t", backbone_id="b", origin_seed=1)
+    assert torch.allclose(v.apply(origin), tuned, atol=1e-6)
+    other = _randn(5, 8, seed=9)  # cross-origin: O' + tau
+    assert torch.allclose(v.apply(other), other + (tuned - origin), atol=1e-6)
+    assert torch.allclose(v.apply(other) - other, v.tensor, atol=1e-6)
+    half = v.apply(other.to(torch.bfloat16))
+    assert half.dtype == torch.bfloat16
+    with pytest.raises(VectorError, match="shape"):
+        v.apply(_randn(4, 8))
+
+
+def test_vector_is_isolated_from_later_edits_of_the_input():
+    t = _randn(5, 8)
+    v = TaskPromptVector.create(t, task="t", backbone_id="b", origin_seed=0)
+    t.add_(1.0)
+    assert v.meta.sha256 == tensor_sha256(v.tensor)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_values_are_refused(bad):
+    t = _randn(5, 8)
+    t[2, 3] = bad
+    with pytest.raises(VectorError, match="non-finite"):
+        TaskPromptVector.create(t, task="t", backbone_id="b", origin_seed=0)
+    with pytest.raises(VectorError, match="non-finite"):
+        TaskPromptVector.from_prompts(t, _randn(5, 8), task="t", backbone_id="b", origin_seed=0)
+
+
+def test_constructor_checks_shape_sha_and_type():
+    v = _vec()
+    with pytest.raises(VectorError, match="does not match"):
+        TaskPromptVector(_randn(4, 8), v.meta)
+    with pytest.raises(VectorError, match="sha256"):
+        TaskPromptVector(v.tensor + 1, v.meta)
+    with pytest.raises(VectorError, match="floating"):
+        TaskPromptVector(torch.zeros(5, 8, dtype=torch.int64), v.meta)
+    with pytest.raises(VectorError, match="torch.Tensor"):
+        TaskPromptVector(np.zeros((5, 8), np.float32), v.meta)  # type: ignore[arg-type]
+    with pytest.raises(VectorError, match="2-D"):
+        TaskPromptVector.create(_randn(2, 5, 8), task="t", backbone_id="b", origin_seed=0)
+    with pytest.raises(VectorError, match="origin shape"):
+        TaskPromptVector.from_prompts(_randn(5, 8), _randn(5, 7), task="t", backbone_id="b", origin_seed=0)
+    assert TaskPromptVector(v.tensor.double(), v.meta).tensor.dtype == torch.float32
+
+
+def test_meta_validation():
+    good = _vec().meta.model_dump()
+    VectorMeta.model_validate(good)
+    for field, value in [
+        ("sha256", "abc"), ("sha256", "G" * 64), ("created_at", "yesterday"), ("prompt_length", 0),
+        ("hidden_size", -1), ("kind", "other"), ("task", ""),
+    ]:
+        with pytest.raises(ValidationError):
+            VectorMeta.model_validate({**good, field: value})
+    with pytest.raises(ValidationError):
+        VectorMeta.model_validate({**good, "unexpected": 1})
+    meta = VectorMeta.model_validate({**good, "kind": "composition", "parents": ["a", "b"], "notes": "n"})
+    assert VectorMeta.model_validate_json(meta.model_dump_json()) == meta
+
+
+def test_check_compatible_names_both_sides():
+    a, b = _vec(0, backbone="t5-base"), _vec(1, backbone="t5-large")
+    with pytest.raises(VectorError) as err:
+        a.check_compatible([b])
+    msg = str(err.value)
+    assert a.vector_id in msg and b.vector_id in msg and "t5-base" in msg and "t5-large" in msg
+    c = _vec(2, shape=(6, 8))
+    with pytest.raises(VectorError, match="shape mismatch") as err:
+        a.check_compatible([c])
+    assert c.vector_id in str(err.value)
+    a.check_compatible([_vec(3), _vec(4)])
+
+
+def test_cosine_modes_on_hand_computed_inputs():
+    a = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    b = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    assert cosine_similarity(a, b, "row_mean") == pytest.approx(1.0)  # each row points the same way
+    assert cosine_similarity(a, b, "flat") == pytest.approx(3 / math.sqrt(10))
+    c = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    assert cosine_similarity(a, c, "row_mean") == pytest.approx(0.5)  # rows: cos 1 and cos 0
+    assert cosine_similarity(a, -a) == pytest.approx(-1.0)
+    assert cosine_similarity(a, -a, "flat") == pytest.approx(-1.0)
+    zero_row = torch.tensor([[1.0, 0.0], [0.0, 0.0]])
+    assert cosine_similarity(a, zero_row) == pytest.approx(0.5)  # the zero row counts as 0
+
+
+def test_row_mean_matches_torch_and_accepts_vectors():
+    a, b = _vec(0), _vec(1)
+    expected = torch.nn.functional.cosine_similarity(a.tensor, b.tensor, dim=1).mean().item()
+    assert cosine_similarity(a, b) == pytest.approx(expected, abs=1e-6)
+    flat = torch.nn.functional.cosine_similarity(a.tensor.flatten(), b.tensor.flatten(), dim=0).item()
+    assert cosine_similarity(a, b.tensor, mode="flat") == pytest.approx(flat, abs=1e-6)
+
+
+def test_cosine_bad_inputs():
+    a = _vec(0)
+    with pytest.raises(VectorError, match="mode"):
+        cosine_similarity(a, a, mode="rows")  # type: ignore[arg-type]
+    with pytest.raises(VectorError, match="different shapes"):
+        cosine_similarity(a.tensor, _randn(6, 8))
+    with pytest.raises(VectorError, match="2-D"):
+        cosine_similarity(a.tensor.flatten(), a.tensor.flatten())
+    nan = a.tensor.clone()
+    nan[0, 0] = float("nan")
+    with pytest.raises(VectorError, match="non-finite"):
+        cosine_similarity(nan, a.tensor)
+    with pytest.raises(VectorError, match="backbone mismatch"):
+        cosine_similarity(a, _vec(1, backbone="other"))
+
+
+def test_similarity_matrix():
+    vs = [_vec(0), _vec(1), _vec(2)]
+    for mode in ("row_mean", "flat"):
+        labels, sim = similarity_matrix(vs, mode)
+        assert labels == [v.vector_id for v in vs]
+        assert sim.shape == (3, 3) and sim.dtype == np.float64
+        assert np.allclose(sim, sim.T) and np.allclose(np.diag(sim), 1.0)
+        assert sim[0, 2] == pytest.approx(cosine_similarity(vs[0], vs[2], mode))
+    labels, sim = similarity_matrix({"x": vs[0].tensor, "y": -vs[0].tensor})
+    assert labels == ["x", "y"] and sim[0, 1] == pytest.approx(-1.0)
+    with pytest.raises(VectorError, match="at least one"):
+        similarity_matrix([])

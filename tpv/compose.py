@@ -1,0 +1,305 @@
+"""Composition: a pydantic spec (which vectors, which weights, which origin) -> a prompt tensor [L, d].
+
+prompt = origin(L, seed) + merge(method, taus, weights, coefficient, **params). The spec is what a client sends
+and what a named composition stores, so it is validated up front (names, weights, method, parameters) before any
+file is read. Results are cached by the spec's canonical JSON, so repeated requests cost one dict lookup + clone.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+
+from tpv.merge import MergeError, check_inputs, get_method, merge, parse_params
+from tpv.store import StoreError, UnknownVector, VectorStore, validate_name
+
+__all__ = ["CacheInfo", "CompositionError", "CompositionSpec", "CompositionTerm", "Composer", "UnknownVector"]
+
+MAX_TERMS = 32
+MAX_WEIGHT = 100.0
+
+OriginFn = Callable[[int, int], torch.Tensor]
+
+
+class CompositionError(ValueError):
+    """A spec that is valid on its own but cannot be built from this store/backbone (mismatched shapes...)."""
+
+
+def _name(value: str | None, what: str) -> str | None:
+    if value is None:
+        return None
+    try:
+        return validate_name(value, what)
+    except StoreError as exc:  # pydantic only turns ValueError into a validation error
+        raise ValueError(str(exc)) from None
+
+
+class CompositionTerm(BaseModel):
+    """One input: a stored vector by id, or a task (the mean of that task's stored vectors)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    task: str | None = None
+    vector_id: str | None = None
+    weight: float = Field(1.0, ge=-MAX_WEIGHT, le=MAX_WEIGHT)
+
+    @field_validator("task", "vector_id")
+    @classmethod
+    def _valid_name(cls, value: str | None, info: ValidationInfo) -> str | None:
+        return _name(value, info.field_name or "name")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> CompositionTerm:
+        if (self.task is None) == (self.vector_id is None):
+            raise ValueError("a term names exactly one of 'task' or 'vector_id'")
+        return self
+
+
+class CompositionSpec(BaseModel):
+    """A composition request. `params` are the merge method's own parameters (normalised to their full set,
+    defaults included, so equivalent specs share one cache key); `coefficient` scales the merged delta."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    backbone_id: str
+    terms: list[CompositionTerm] = Field(min_length=1, max_length=MAX_TERMS)
+    origin_seed: int = Field(ge=0)
+    prompt_length: int = Field(gt=0)
+    method: str = "weighted"
+    coefficient: float = Field(1.0, ge=-MAX_WEIGHT, le=MAX_WEIGHT)
+    params: dict[str, Any] = Field(default_factory=dict, validate_default=True)
+
+    @field_validator("backbone_id")
+    @classmethod
+    def _valid_backbone(cls, value: str) -> str:
+        return _name(value, "backbone_id")  # type: ignore[return-value]
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, value: str) -> str:
+        get_method(value)  # MergeError is a ValueError: becomes a validation error naming the known methods
+        return value
+
+    @field_validator("params")
+    @classmethod
+    def _valid_params(cls, value: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        if "coefficient" in value:
+            raise ValueError("set 'coefficient' on the spec, not in params")
+        method = info.data.get("method")
+        if method is None:  # the method itself failed validation; that error is reported
+            return value
+        return parse_params(method, value).model_dump(exclude={"coefficient"})
+
+    @model_validator(mode="after")
+    def _inputs_fit_method(self) -> CompositionSpec:
+        check_inputs(self.method, len(self.terms), [t.weight for t in self.terms])
+        return self
+
+    def canonical(self) -> str:
+        """Sorted-key compact JSON; terms are sorted too when the method is order-independent."""
+        data = self.model_dump(mode="json")
+        if get_method(self.method).commutative:
+            data["terms"] = sorted(data["terms"], key=lambda t: json.dumps(t, sort_keys=True))
+        return json.dumps(data, sort_keys=True, separators=(",", ":"))
+
+
+class CacheInfo(BaseModel):
+    hits: int
+    misses: int
+    evictions: int
+    entries: int
+    bytes: int
+    max_entries: int
+    max_bytes: int
+
+
+class Composer:
+    """Builds prompts from specs against one store, with an LRU cache bounded in entries and bytes.
+
+    `origin_fn(L, seed)` returns the origin [L, d] (the backbone's `make_origin`); cache it there if it is
+    costly, the composer calls it once per cache miss. `compose` returns a fresh clone each time, so callers may
+    modify the result without corrupting the cache. Task terms resolve to the mean of the stored vectors at the
+    time of the miss: with `watch_interval_s` set, the cache is dropped whenever `store.version()` changes
+    (checked at most every `watch_interval_s` seconds, 0 = every call); otherwise call `invalidate()`.
+    Thread-safe: the cache is locked, building runs outside the lock.
+    """
+
+    def __init__(
+        self,
+        store: VectorStore,
+        origin_fn: OriginFn,
+        *,
+        max_entries: int = 1024,
+        max_bytes: int = 256 * 2**20,
+        watch_interval_s: float | None = None,
+    ) -> None:
+        if max_entries < 0 or max_bytes < 0:
+            raise ValueError(f"cache bounds must be >= 0, got max_entries={max_entries}, max_bytes={max_bytes}")
+        if watch_interval_s is not None and not watch_interval_s >= 0:
+            raise ValueError(f"watch_interval_s must be None or >= 0, got {watch_interval_s}")
+        self.store = store
+        self.origin_fn = origin_fn
+        self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        self.watch_interval_s = watch_interval_s
+        self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._bytes = 0
+        self._hits = self._misses = self._evictions = 0
+        self._generation = 0
+        self._lock = threading.Lock()
+        self._version = store.version() if watch_interval_s is not None else None
+        self._checked_at = time.monotonic()
+
+    # ---- cache --------------------------------------------------------------------------------------------------
+
+    def invalidate(self) -> None:
+        """Drop every cached prompt (and make builds already in flight not insert theirs)."""
+        with self._lock:
+            self._cache.clear()
+            self._bytes = 0
+            self._generation += 1
+
+    def cache_info(self) -> CacheInfo:
+        with self._lock:
+            return CacheInfo(
+                hits=self._hits, misses=self._misses, evictions=self._evictions, entries=len(self._cache),
+                bytes=self._bytes, max_entries=self.max_entries, max_bytes=self.max_bytes,
+            )
+
+    def _watch(self) -> None:
+        if self.watch_interval_s is None:
+            return
+        now = time.monotonic()
+        if now - self._checked_at < self.watch_interval_s:
+            return
+        self._checked_at = now
+        version = self.store.version()
+        if version != self._version:
+            self._version = version
+            self.invalidate()
+
+    def _insert(self, key: str, value: torch.Tensor, generation: int) -> None:
+        size = value.numel() * value.element_size()
+        with self._lock:
+            if generation != self._generation or size > self.max_bytes or self.max_entries == 0:
+                return
+            old = self._cache.pop(key, None)
+            if old is not None:
+                self._bytes -= old.numel() * old.element_size()
+            self._cache[key] = value
+            self._bytes += size
+            while len(self._cache) > self.max_entries or self._bytes > self.max_bytes:
+                _, evicted = self._cache.popitem(last=False)
+                self._bytes -= evicted.numel() * evicted.element_size()
+                self._evictions += 1
+
+    # ---- building -----------------------------------------------------------------------------------------------
+
+    def _resolve(self, spec: CompositionSpec, term: CompositionTerm) -> tuple[torch.Tensor, list[str]]:
+        bb = spec.backbone_id
+        if term.vector_id is not None:
+            try:
+                vectors = [self.store.get(term.vector_id, backbone_id=bb)]
+            except UnknownVector:
+                elsewhere = sorted({m.backbone_id for m in self.store.list() if m.vector_id == term.vector_id})
+                if elsewhere:
+                    raise CompositionError(
+                        f"backbone mismatch: vector {term.vector_id!r} belongs to {elsewhere}, the spec is for {bb!r}"
+                    ) from None
+                known = [m.vector_id for m in self.store.list(bb)]
+                raise UnknownVector(f"no vector {term.vector_id!r} for backbone {bb!r}; stored: {known}") from None
+        else:
+            metas = self.store.list(bb, task=term.task)
+            if not metas:
+                tasks = sorted({m.task for m in self.store.list(bb)})
+                raise UnknownVector(f"no vectors for task {term.task!r} on backbone {bb!r}; tasks stored: {tasks}")
+            fitting = [m for m in metas if m.prompt_length == spec.prompt_length]
+            if not fitting:
+                lengths = sorted({m.prompt_length for m in metas})
+                raise CompositionError(
+                    f"task {term.task!r} has vectors of prompt_length {lengths}, none of {spec.prompt_length}"
+                )
+            vectors = [self.store.get(m.vector_id, backbone_id=bb) for m in fitting]
+        for v in vectors:
+            if v.meta.prompt_length != spec.prompt_length:
+                raise CompositionError(
+                    f"vector {v.vector_id!r} has prompt_length {v.meta.prompt_length}, the spec asks for "
+                    f"{spec.prompt_length}"
+                )
+        tau = vectors[0].tensor if len(vectors) == 1 else merge("mean", vectors)
+        return tau, [v.vector_id for v in vectors]
+
+    def delta(self, spec: CompositionSpec | Mapping[str, Any]) -> tuple[torch.Tensor, list[str]]:
+        """The merged task vector (without origin) and the ids of the stored vectors it was built from; useful to
+        store a composition as a vector of kind 'composition' with those ids as parents."""
+        spec = self._spec(spec)
+        resolved = [self._resolve(spec, t) for t in spec.terms]
+        hidden = {tau.shape[1] for tau, _ in resolved}
+        if len(hidden) != 1:
+            raise CompositionError(f"terms have different hidden sizes {sorted(hidden)}")
+        try:
+            out = merge(
+                spec.method, [tau for tau, _ in resolved], [t.weight for t in spec.terms],
+                coefficient=spec.coefficient, **spec.params,
+            )
+        except MergeError as exc:
+            raise CompositionError(str(exc)) from None
+        return out, [vid for _, ids in resolved for vid in ids]
+
+    def compose(self, spec: CompositionSpec | Mapping[str, Any]) -> torch.Tensor:
+        """origin(L, seed) + merged delta, in the origin's dtype and device; a fresh tensor on every call."""
+        spec = self._spec(spec)
+        self._watch()
+        key = spec.canonical()
+        with self._lock:
+            cached = self._cache.get(key)
+            if cached is not None:
+                self._cache.move_to_end(key)
+                self._hits += 1
+                return cached.clone()
+            self._misses += 1
+            generation = self._generation
+        delta, _ = self.delta(spec)
+        origin = self.origin_fn(spec.prompt_length, spec.origin_seed)
+        if not isinstance(origin, torch.Tensor) or origin.dim() != 2 or origin.shape[0] != spec.prompt_length:
+            got = tuple(origin.shape) if isinstance(origin, torch.Tensor) else type(origin).__name__
+            raise CompositionError(f"origin_fn({spec.prompt_length}, {spec.origin_seed}) returned {got}, not [L, d]")
+        if origin.shape != delta.shape:
+            raise CompositionError(
+                f"vectors have hidden size {delta.shape[1]} but the origin has {origin.shape[1]}: wrong backbone?"
+            )
+        out = (origin.detach().to(torch.float32) + delta.to(origin.device)).to(origin.dtype)
+        self._insert(key, out, generation)
+        return out.clone()
+
+    # ---- named compositions -------------------------------------------------------------------------------------
+
+    def named(self, backbone_id: str, name: str) -> CompositionSpec:
+        """The spec stored under `name` (store.get_composition), validated."""
+        raw = self.store.get_composition(backbone_id, name)
+        try:
+            spec = CompositionSpec.model_validate(raw)
+        except ValidationError as exc:
+            raise CompositionError(f"stored composition {name!r} is not a valid spec: {exc}") from None
+        if spec.backbone_id != backbone_id:
+            raise CompositionError(
+                f"composition {name!r} is stored under {backbone_id!r} but names {spec.backbone_id!r}"
+            )
+        return spec
+
+    def compose_named(self, backbone_id: str, name: str) -> torch.Tensor:
+        return self.compose(self.named(backbone_id, name))
+
+    def save_named(self, name: str, spec: CompositionSpec, overwrite: bool = False) -> None:
+        self.store.put_composition(spec.backbone_id, name, spec.model_dump(mode="json"), overwrite=overwrite)
+
+    @staticmethod
+    def _spec(spec: CompositionSpec | Mapping[str, Any]) -> CompositionSpec:
+        return spec if isinstance(spec, CompositionSpec) else CompositionSpec.model_validate(dict(spec))

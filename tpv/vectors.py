@@ -1,0 +1,233 @@
+"""Task prompt vectors: tau = tuned prompt - origin, with the metadata needed to trust and reuse them.
+
+A vector is only meaningful relative to a backbone and a prompt shape, so both travel with the tensor in
+`VectorMeta`, and the sha256 of the tensor bytes lets the store detect corruption. Merge arithmetic lives in
+`tpv.merge` (one registry); this module holds the value type and the similarity measures of the paper.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence
+from datetime import datetime, timezone
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+SimilarityMode = Literal["row_mean", "flat"]
+
+
+class VectorError(ValueError):
+    """A tensor or metadata that cannot form a valid task prompt vector, or vectors that cannot be combined."""
+
+
+def tensor_sha256(tensor: torch.Tensor) -> str:
+    """Hex sha256 of the float32, contiguous, little-endian bytes: the identity of a vector's content."""
+    arr = tensor.detach().to("cpu", torch.float32).contiguous().numpy()
+    return hashlib.sha256(arr.astype("<f4", copy=False).tobytes()).hexdigest()
+
+
+def make_vector_id(task: str, origin_seed: int, sha256: str) -> str:
+    """Default id: readable (task, seed) plus a content prefix so re-training never collides silently."""
+    return f"{task}-s{origin_seed}-{sha256[:12]}"
+
+
+def _now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat()
+
+
+class VectorMeta(BaseModel):
+    """Everything needed to find, verify and apply a vector without loading its tensor."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    vector_id: str = Field(min_length=1)
+    kind: Literal["task", "composition"] = "task"
+    task: str = Field(min_length=1)
+    backbone_id: str = Field(min_length=1)
+    prompt_length: int = Field(gt=0)
+    hidden_size: int = Field(gt=0)
+    origin_seed: int
+    train_config: dict[str, Any] = Field(default_factory=dict)
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    created_at: str = Field(default_factory=_now_iso)
+    source: str | None = None
+    notes: str | None = None
+    parents: list[str] = Field(default_factory=list)
+
+    @field_validator("created_at")
+    @classmethod
+    def _iso(cls, value: str) -> str:
+        try:
+            datetime.fromisoformat(value)
+        except ValueError as exc:
+            raise ValueError(f"created_at must be an ISO 8601 timestamp, got {value!r}") from exc
+        return value
+
+
+class TaskPromptVector:
+    """A validated [L, d] float32 CPU tensor plus its metadata.
+
+    The tensor is cloned on construction so later edits to the caller's tensor cannot desynchronise it from
+    `meta.sha256`; treat `.tensor` as read-only (the store re-hashes on `put` and refuses a mismatch).
+    """
+
+    __slots__ = ("tensor", "meta")
+
+    def __init__(self, tensor: torch.Tensor, meta: VectorMeta) -> None:
+        if not isinstance(tensor, torch.Tensor):
+            raise VectorError(f"vector {meta.vector_id!r}: expected a torch.Tensor, got {type(tensor).__name__}")
+        if not tensor.is_floating_point():
+            raise VectorError(f"vector {meta.vector_id!r}: expected a floating tensor, got {tensor.dtype}")
+        expected = (meta.prompt_length, meta.hidden_size)
+        if tuple(tensor.shape) != expected:
+            raise VectorError(
+                f"vector {meta.vector_id!r}: tensor shape {tuple(tensor.shape)} does not match "
+                f"meta (prompt_length, hidden_size) = {expected}"
+            )
+        t = tensor.detach().to("cpu", torch.float32).contiguous().clone()
+        _check_finite(t, meta.vector_id)
+        digest = tensor_sha256(t)
+        if digest != meta.sha256:
+            raise VectorError(f"vector {meta.vector_id!r}: tensor sha256 {digest} != meta.sha256 {meta.sha256}")
+        self.tensor = t
+        self.meta = meta
+
+    @classmethod
+    def create(
+        cls,
+        tensor: torch.Tensor,
+        *,
+        task: str,
+        backbone_id: str,
+        origin_seed: int,
+        vector_id: str | None = None,
+        **meta_fields: Any,
+    ) -> TaskPromptVector:
+        """Build a vector from tau directly, filling in shape, sha256 and the default id."""
+        if not isinstance(tensor, torch.Tensor) or tensor.dim() != 2:
+            shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+            raise VectorError(f"a task prompt vector is a 2-D [L, d] tensor, got {shape}")
+        t = tensor.detach().to("cpu", torch.float32).contiguous()
+        _check_finite(t, vector_id or task)
+        digest = tensor_sha256(t)
+        meta = VectorMeta(
+            vector_id=vector_id or make_vector_id(task, origin_seed, digest),
+            task=task,
+            backbone_id=backbone_id,
+            prompt_length=t.shape[0],
+            hidden_size=t.shape[1],
+            origin_seed=origin_seed,
+            sha256=digest,
+            **meta_fields,
+        )
+        return cls(t, meta)
+
+    @classmethod
+    def from_prompts(
+        cls, tuned: torch.Tensor, origin: torch.Tensor, *, task: str, backbone_id: str, origin_seed: int,
+        **meta_fields: Any,
+    ) -> TaskPromptVector:
+        """tau = tuned - origin (computed in float32); the paper's definition of a task prompt vector."""
+        if tuned.shape != origin.shape:
+            raise VectorError(f"tuned prompt shape {tuple(tuned.shape)} != origin shape {tuple(origin.shape)}")
+        tau = tuned.detach().to("cpu", torch.float32) - origin.detach().to("cpu", torch.float32)
+        return cls.create(tau, task=task, backbone_id=backbone_id, origin_seed=origin_seed, **meta_fields)
+
+    @property
+    def vector_id(self) -> str:
+        return self.meta.vector_id
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.meta.prompt_length, self.meta.hidden_size)
+
+    def apply(self, origin: torch.Tensor) -> torch.Tensor:
+        """origin + tau on any origin of the same shape (the cross-origin claim), in origin's dtype/device."""
+        if tuple(origin.shape) != self.shape:
+            raise VectorError(f"vector {self.vector_id!r} has shape {self.shape}, origin has {tuple(origin.shape)}")
+        out = origin.detach().to(torch.float32) + self.tensor.to(origin.device)
+        return out.to(origin.dtype)
+
+    def check_compatible(self, others: Sequence[TaskPromptVector]) -> None:
+        """Raise VectorError unless every other vector shares this backbone and [L, d] shape."""
+        for other in others:
+            if other.meta.backbone_id != self.meta.backbone_id:
+                raise VectorError(
+                    f"backbone mismatch: {self.vector_id!r} is for {self.meta.backbone_id!r}, "
+                    f"{other.vector_id!r} is for {other.meta.backbone_id!r}"
+                )
+            if other.shape != self.shape:
+                raise VectorError(
+                    f"shape mismatch: {self.vector_id!r} is {self.shape}, {other.vector_id!r} is {other.shape}"
+                )
+
+    def __repr__(self) -> str:
+        m = self.meta
+        return f"TaskPromptVector({m.vector_id!r}, task={m.task!r}, backbone={m.backbone_id!r}, shape={self.shape})"
+
+
+def _check_finite(t: torch.Tensor, name: str) -> None:
+    if not bool(torch.isfinite(t).all()):
+        bad = int((~torch.isfinite(t)).sum())
+        raise VectorError(f"vector {name!r}: {bad} non-finite value(s) (NaN/inf); a diverged run?")
+
+
+def _as_tensor(x: TaskPromptVector | torch.Tensor) -> torch.Tensor:
+    if isinstance(x, TaskPromptVector):
+        return x.tensor
+    if isinstance(x, torch.Tensor):
+        if x.dim() != 2:
+            raise VectorError(f"expected a 2-D [L, d] tensor, got shape {tuple(x.shape)}")
+        t = x.detach().to("cpu", torch.float64)
+        _check_finite(t, "tensor")
+        return t
+    raise VectorError(f"expected a TaskPromptVector or a tensor, got {type(x).__name__}")
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in ("row_mean", "flat"):
+        raise VectorError(f"unknown similarity mode {mode!r}; use 'row_mean' or 'flat'")
+
+
+def cosine_similarity(
+    a: TaskPromptVector | torch.Tensor, b: TaskPromptVector | torch.Tensor, mode: SimilarityMode = "row_mean"
+) -> float:
+    """row_mean: mean over the L rows of the row-wise cosine (the paper's measure); flat: cosine of the
+    flattened vectors. A zero row or vector counts as cosine 0 (torch's eps clamp)."""
+    return float(similarity_matrix({"a": a, "b": b}, mode)[1][0, 1])
+
+
+def similarity_matrix(
+    vectors: Sequence[TaskPromptVector] | Mapping[str, TaskPromptVector | torch.Tensor],
+    mode: SimilarityMode = "row_mean",
+) -> tuple[list[str], np.ndarray]:
+    """Pairwise cosine of N vectors as (labels, [N, N] float64 array); labels are vector ids or mapping keys."""
+    _check_mode(mode)
+    if isinstance(vectors, Mapping):
+        labels, items = list(vectors.keys()), list(vectors.values())
+    else:
+        items = list(vectors)
+        labels = [v.vector_id if isinstance(v, TaskPromptVector) else str(i) for i, v in enumerate(items)]
+    if not items:
+        raise VectorError("similarity_matrix needs at least one vector")
+    typed = [v for v in items if isinstance(v, TaskPromptVector)]
+    if typed:
+        typed[0].check_compatible(typed[1:])
+    tensors = [_as_tensor(v).to(torch.float64) for v in items]
+    shapes = {tuple(t.shape) for t in tensors}
+    if len(shapes) != 1:
+        raise VectorError(f"cannot compare vectors of different shapes: {sorted(shapes)}")
+    x = torch.stack(tensors)  # [N, L, d]
+    eps = 1e-8
+    if mode == "flat":
+        flat = x.flatten(1)
+        flat = flat / flat.norm(dim=1, keepdim=True).clamp_min(eps)
+        sim = flat @ flat.T
+    else:
+        rows = x / x.norm(dim=2, keepdim=True).clamp_min(eps)
+        sim = torch.einsum("ild,jld->ij", rows, rows) / x.shape[1]
+    return labels, sim.numpy().clip(-1.0, 1.0)
