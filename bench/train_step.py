@@ -1,0 +1,123 @@
+"""Throughput of one tpv prompt-tuning step vs PEFT's PromptTuning on the same model, batch and prompt length.
+
+Both sides train the same soft prompt shape on the same examples with AdamW; the runs alternate in one process so
+machine noise hits both alike. PEFT computes logits over every position and the whole vocabulary; tpv only at the
+target positions. Last line: {"tpv_vs_peft_step_throughput": R} (examples/s ratio, > 1 means tpv is faster).
+
+    python bench/train_step.py [--backbone smollm2-135m-instruct] [--batch 8] [--prompt-length 20] [--rounds 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from tpv.backbone import Backbone, BackboneConfig
+from tpv.prompt import SoftPrompt, make_origin
+
+SOURCES = [
+    "Review: a gripping, beautifully acted story that stays with you long after the credits. Sentiment:",
+    "Review: the plot drags, the jokes fall flat and the ending makes no sense at all. Sentiment:",
+    "Question: what is the name of the river that runs through the capital of Egypt? Type:",
+    "Premise: the committee approved the budget after a long debate. Hypothesis: the budget was rejected. Answer:",
+]
+TARGETS = ["positive", "negative", "location", "false"]
+
+
+def batch(size: int, source_tokens: int, tokenizer) -> tuple[list[str], list[str]]:
+    """`size` examples whose sources are about `source_tokens` tokens long."""
+    sources, targets = [], []
+    for i in range(size):
+        text = SOURCES[i % len(SOURCES)]
+        while len(tokenizer(text)["input_ids"]) < source_tokens:
+            text = text + " " + SOURCES[(i + 1) % len(SOURCES)]
+        ids = tokenizer(text)["input_ids"][-source_tokens:]
+        sources.append(tokenizer.decode(ids))
+        targets.append(TARGETS[i % len(TARGETS)])
+    return sources, targets
+
+
+def tpv_step(backbone: Backbone, length: int, sources: list[str], targets: list[str]):
+    prompt = SoftPrompt(make_origin(backbone, length, 0)).to(backbone.device)
+    optimizer = torch.optim.AdamW(prompt.parameters(), lr=0.3)
+
+    def step() -> None:
+        loss = backbone.loss(prompt(), sources, targets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def peft_step(backbone_config: BackboneConfig, length: int, sources: list[str], targets: list[str]):
+    from peft import PromptTuningConfig, get_peft_model
+
+    base = Backbone.load(backbone_config)
+    tokenizer = base.tokenizer
+    model = get_peft_model(base.model, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=length))
+    rows, labels = [], []
+    for s, t in zip(sources, targets):
+        src = tokenizer(s, add_special_tokens=False)["input_ids"]
+        tgt = tokenizer(" " + t, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        rows.append(src + tgt)
+        labels.append([-100] * len(src) + tgt)
+    width = max(map(len, rows))
+    pad = base.pad_id
+    input_ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=base.device)
+    attention = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=base.device)
+    label_ids = torch.tensor([lab + [-100] * (width - len(lab)) for lab in labels], device=base.device)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.3)
+
+    def step() -> None:
+        loss = model(input_ids=input_ids, attention_mask=attention, labels=label_ids).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def timed(step, repeats: int) -> float:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        step()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / repeats
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backbone", default="smollm2-135m-instruct")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--source-tokens", type=int, default=64)
+    parser.add_argument("--prompt-length", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps-per-round", type=int, default=3)
+    args = parser.parse_args()
+
+    config = BackboneConfig(model=args.backbone)
+    backbone = Backbone.load(config)
+    sources, targets = batch(args.batch, args.source_tokens, backbone.tokenizer)
+    ours = tpv_step(backbone, args.prompt_length, sources, targets)
+    theirs = peft_step(config, args.prompt_length, sources, targets)
+    ours(), theirs()  # warm-up
+    ratios = []
+    for r in range(args.rounds):
+        t_ours = timed(ours, args.steps_per_round)
+        t_theirs = timed(theirs, args.steps_per_round)
+        ratios.append(t_theirs / t_ours)
+        print(f"round {r}: tpv {args.batch / t_ours:.1f} ex/s, peft {args.batch / t_theirs:.1f} ex/s, ratio {ratios[-1]:.2f}", flush=True)
+    print(f"device {backbone.device}, dtype {backbone.dtype}, batch {args.batch}, source tokens {args.source_tokens}, prompt {args.prompt_length}")
+    print(json.dumps({"tpv_vs_peft_step_throughput": round(statistics.median(ratios), 3)}))
+
+
+if __name__ == "__main__":
+    main()

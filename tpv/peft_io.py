@@ -1,0 +1,74 @@
+"""PEFT interop: a tuned prompt as a PEFT prompt-tuning adapter folder, and such a folder back as a vector.
+
+The adapter is written by hand (its JSON config + `prompt_embeddings` in safetensors) so exporting needs no PEFT
+install; `peft.PeftModel.from_pretrained(model, folder)` loads it and runs (the tests check that for real).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from tpv.backbone import Backbone
+from tpv.prompt import make_origin
+from tpv.vectors import TaskPromptVector
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+class PeftAdapterError(ValueError):
+    """A folder that is not a PEFT prompt-tuning adapter this backbone can use."""
+
+
+def export_peft(prompt: Tensor, backbone: Backbone, folder: str | Path, base_model: str | None = None) -> Path:
+    """Write `prompt` [L, d] as a PEFT prompt-tuning adapter for `backbone`."""
+    if prompt.dim() != 2 or prompt.shape[1] != backbone.hidden_size:
+        raise PeftAdapterError(f"a prompt for this backbone is [L, {backbone.hidden_size}], got {tuple(prompt.shape)}")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    model_config = backbone.model.config
+    config = {
+        "peft_type": "PROMPT_TUNING",
+        "task_type": "SEQ_2_SEQ_LM" if backbone.is_seq2seq else "CAUSAL_LM",
+        "num_virtual_tokens": int(prompt.shape[0]),
+        "token_dim": backbone.hidden_size,
+        "num_transformer_submodules": 1,
+        "num_attention_heads": getattr(model_config, "num_attention_heads", None) or getattr(model_config, "num_heads", None),
+        "num_layers": getattr(model_config, "num_hidden_layers", None) or getattr(model_config, "num_layers", None),
+        "prompt_tuning_init": "RANDOM",
+        "base_model_name_or_path": base_model or backbone.config.model,
+        "inference_mode": True,
+    }
+    save_file({"prompt_embeddings": prompt.detach().float().cpu().contiguous()}, folder / ADAPTER_WEIGHTS)
+    (folder / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))
+    return folder
+
+
+def read_peft_prompt(folder: str | Path) -> Tensor:
+    """The prompt [L, d] stored in a PEFT prompt-tuning adapter (safetensors only, never a pickle)."""
+    folder = Path(folder)
+    config_path, weights_path = folder / ADAPTER_CONFIG, folder / ADAPTER_WEIGHTS
+    if not config_path.is_file() or not weights_path.is_file():
+        raise PeftAdapterError(f"{folder} needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS} (PEFT's safetensors format)")
+    config = json.loads(config_path.read_text())
+    if config.get("peft_type") != "PROMPT_TUNING":
+        raise PeftAdapterError(f"{folder} holds a {config.get('peft_type')!r} adapter, not PROMPT_TUNING")
+    weights = load_file(weights_path)
+    if "prompt_embeddings" not in weights:
+        raise PeftAdapterError(f"{weights_path} has no 'prompt_embeddings' tensor (found {sorted(weights)})")
+    return weights["prompt_embeddings"][: int(config["num_virtual_tokens"])].float()
+
+
+def import_peft(folder: str | Path, backbone: Backbone, task: str, origin_seed: int) -> TaskPromptVector:
+    """The adapter's prompt minus the origin it was trained from, as a task prompt vector."""
+    prompt = read_peft_prompt(folder)
+    if prompt.shape[1] != backbone.hidden_size:
+        raise PeftAdapterError(f"adapter width {prompt.shape[1]} != backbone {backbone.backbone_id!r} width {backbone.hidden_size}")
+    origin = make_origin(backbone, prompt.shape[0], origin_seed)
+    return TaskPromptVector.from_prompts(
+        prompt, origin, task=task, backbone_id=backbone.backbone_id, origin_seed=origin_seed, source=f"peft:{folder}"
+    )

@@ -1,0 +1,293 @@
+"""One prompt-tuning run: a plain PyTorch loop over a frozen backbone, only the soft prompt learns.
+
+Ray Tune drives it through `callback` (metrics + a checkpoint at every evaluation) and `resume`; tpv never imports
+Ray. A run is deterministic under (seed, data_seed): batches come from a seeded permutation per epoch, so a resumed
+run sees exactly the batches an uninterrupted one would have seen.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, Field, model_validator
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from tpv.backbone import Backbone, BackboneConfig
+from tpv.compose import Composer, CompositionSpec
+from tpv.evaluate import evaluate
+from tpv.prompt import SoftPrompt, make_origin
+from tpv.store import VectorStore
+from tpv.tasks import Example, few_shot, get_task, load_split
+from tpv.vectors import TaskPromptVector
+
+
+class InitSpec(BaseModel):
+    """Where the prompt starts: the run's origin, a composition of stored vectors on it, or tuned prompts (SPoT)."""
+
+    kind: Literal["origin", "composition", "tuned"] = "origin"
+    composition: dict[str, Any] | None = Field(
+        None, description="CompositionSpec fields (terms, method, coefficient, params); origin and shape come from the run"
+    )
+    vector_ids: list[str] = Field(default_factory=list, description="tuned: stored vectors whose tuned prompts are averaged")
+
+    @model_validator(mode="after")
+    def _complete(self) -> InitSpec:
+        if self.kind == "composition" and not self.composition:
+            raise ValueError("init kind 'composition' needs a composition (terms, weights)")
+        if self.kind == "tuned" and not self.vector_ids:
+            raise ValueError("init kind 'tuned' needs vector_ids of the source prompts")
+        return self
+
+
+class TrainConfig(BaseModel):
+    """A prompt-tuning run. Defaults are the paper's; `TrainConfig.cpu_demo` shrinks them for a laptop."""
+
+    task: str
+    backbone: BackboneConfig = Field(default_factory=BackboneConfig)
+    prompt_length: int | None = Field(None, ge=1, le=1024, description="None: 50 for seq2seq, 100 for causal (paper)")
+    seed: int = Field(0, description="origin seed")
+    data_seed: int = Field(0, description="batch order and few-shot sampling")
+    lr: float = Field(0.3, gt=0)
+    weight_decay: float = Field(1e-5, ge=0)
+    warmup_steps: int = Field(500, ge=0)
+    schedule: Literal["linear", "cosine", "constant"] | None = Field(None, description="None: linear seq2seq, cosine causal")
+    batch_size: int = Field(32, ge=1)
+    epochs: float = Field(10, gt=0)
+    max_steps: int | None = Field(None, ge=1, description="overrides epochs")
+    shots: int | None = Field(None, ge=1, description="few-shot: k training examples per class")
+    max_train_examples: int | None = Field(None, ge=1)
+    eval_every: int = Field(200, ge=1)
+    eval_examples: int | None = Field(1000, ge=1, description="validation examples per evaluation (None: all)")
+    eval_batch_size: int = Field(32, ge=1)
+    patience: int | None = Field(None, ge=1, description="stop after this many evaluations without improvement")
+    grad_clip: float = Field(1.0, gt=0)
+    init: InitSpec = Field(default_factory=InitSpec)
+    progress: bool = True
+
+    @classmethod
+    def cpu_demo(cls, task: str, **overrides: Any) -> TrainConfig:
+        """Budgets that finish in about a minute per run on 2 CPU cores with the bundled 135M model."""
+        base = dict(
+            task=task, prompt_length=10, lr=0.3, warmup_steps=10, batch_size=8, max_steps=60, eval_every=30,
+            eval_examples=100, max_train_examples=2000, schedule="cosine",
+            backbone=BackboneConfig(max_source_tokens=96),
+        )
+        return cls(**{**base, **overrides})
+
+
+class TrainCheckpoint(BaseModel):
+    """Everything needed to resume exactly: tensors go to safetensors, the rest to JSON (nothing is pickled)."""
+
+    model_config = {"arbitrary_types_allowed": True}
+
+    step: int
+    best_metric: float
+    best_tiebreak: float = -math.inf
+    best_step: int
+    evals_since_best: int
+    history: list[dict[str, float]]
+    prompt: Tensor
+    best_prompt: Tensor
+    exp_avg: Tensor | None = None
+    exp_avg_sq: Tensor | None = None
+    adam_step: float = 0.0
+
+    def save(self, folder: str | Path) -> Path:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        tensors = {"prompt": self.prompt, "best_prompt": self.best_prompt}
+        if self.exp_avg is not None:
+            tensors |= {"exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq}
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, folder / "state.safetensors")
+        scalars = self.model_dump(include={"step", "best_metric", "best_tiebreak", "best_step", "evals_since_best", "history", "adam_step"})
+        (folder / "state.json").write_text(json.dumps(scalars))
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | Path) -> TrainCheckpoint:
+        folder = Path(folder)
+        tensors = load_file(folder / "state.safetensors")
+        return cls(**json.loads((folder / "state.json").read_text()), **tensors)
+
+
+class TrainResult(BaseModel):
+    """The best prompt of the run, its origin, and the vector between them."""
+
+    model_config = {"arbitrary_types_allowed": True}
+
+    config: TrainConfig
+    tuned: Tensor
+    origin: Tensor
+    metrics: dict[str, float]
+    history: list[dict[str, float]]
+    steps: int
+    seconds: float
+
+    def vector(self, backbone_id: str) -> TaskPromptVector:
+        return TaskPromptVector.from_prompts(
+            self.tuned, self.origin, task=self.config.task, backbone_id=backbone_id, origin_seed=self.config.seed,
+            train_config=self.config.model_dump(mode="json"), metrics=self.metrics,
+        )
+
+
+Callback = Callable[[int, dict[str, float], TrainCheckpoint], None]
+
+
+def prompt_length_for(config: TrainConfig, backbone: Backbone) -> int:
+    return config.prompt_length or (50 if backbone.is_seq2seq else 100)
+
+
+def initial_prompt(config: TrainConfig, backbone: Backbone, origin: Tensor, store: VectorStore | None) -> Tensor:
+    """The tensor training starts from (SPoT, multi-source SPoT and TPV init all land here)."""
+    if config.init.kind == "origin":
+        return origin
+    if store is None:
+        raise ValueError(f"init kind {config.init.kind!r} reads stored vectors: pass a store")
+    if config.init.kind == "composition":
+        spec = CompositionSpec(
+            **{**config.init.composition, "backbone_id": backbone.backbone_id, "origin_seed": config.seed,
+               "prompt_length": origin.shape[0]}
+        )
+        return Composer(store, lambda length, seed: make_origin(backbone, length, seed)).compose(spec)
+    tuned = []
+    for vector_id in config.init.vector_ids:
+        vector = store.get(vector_id, backbone.backbone_id)
+        if vector.shape != tuple(origin.shape):
+            raise ValueError(f"vector {vector_id!r} has shape {vector.shape}, this run's prompt is {tuple(origin.shape)}")
+        tuned.append(vector.apply(make_origin(backbone, vector.meta.prompt_length, vector.meta.origin_seed)))
+    return torch.stack(tuned).mean(0)
+
+
+def training_examples(config: TrainConfig) -> list[Example]:
+    examples = load_split(config.task, "train", limit=config.max_train_examples, seed=config.data_seed)
+    if config.shots:
+        examples = few_shot(examples, config.shots, seed=config.data_seed)
+    if not examples:
+        raise ValueError(f"task {config.task!r} has no training examples")
+    return examples
+
+
+def _schedule(config: TrainConfig, backbone: Backbone, total: int) -> Callable[[int], float]:
+    kind = config.schedule or ("linear" if backbone.is_seq2seq else "cosine")
+    warmup = min(config.warmup_steps, max(total - 1, 0))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        done = (step - warmup) / max(total - warmup, 1)
+        if kind == "linear":
+            return max(0.0, 1.0 - done)
+        if kind == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(done, 1.0)))
+        return 1.0
+
+    return factor
+
+
+def _batches(n: int, batch_size: int, seed: int, start_step: int):
+    """Seeded epoch permutations as an endless stream of index batches, starting at `start_step`."""
+    per_epoch = max(1, n // batch_size) if n >= batch_size else 1
+    step = start_step
+    while True:
+        epoch, offset = divmod(step, per_epoch)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        yield order[offset * batch_size : offset * batch_size + batch_size].tolist()
+        step += 1
+
+
+def train(
+    config: TrainConfig, backbone: Backbone | None = None, store: VectorStore | None = None,
+    callback: Callback | None = None, resume: TrainCheckpoint | None = None,
+) -> TrainResult:
+    """Tune a soft prompt on one task; return the best prompt seen on validation."""
+    started = time.perf_counter()
+    backbone = backbone or Backbone.load(config.backbone)
+    task = get_task(config.task)
+    train_set = training_examples(config)
+    dev_set = load_split(config.task, "validation", limit=config.eval_examples, seed=0)
+    length = prompt_length_for(config, backbone)
+    origin = make_origin(backbone, length, config.seed)
+    prompt = SoftPrompt(resume.prompt if resume else initial_prompt(config, backbone, origin, store)).to(backbone.device)
+    optimizer = torch.optim.AdamW(prompt.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    epoch_steps = math.ceil(len(train_set) / config.batch_size)
+    total = config.max_steps or max(1, math.ceil(config.epochs * epoch_steps))
+    factor, start = _schedule(config, backbone, total), resume.step if resume else 0
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: factor(s + start))
+    state = resume or TrainCheckpoint(
+        step=0, best_metric=-math.inf, best_step=0, evals_since_best=0, history=[],
+        prompt=prompt.weight.detach().cpu(), best_prompt=prompt.weight.detach().cpu(),
+    )
+    if resume is not None and resume.exp_avg is not None:
+        _restore_adam(optimizer, prompt, resume)
+
+    losses: list[float] = []
+
+    def run_eval(step: int) -> bool:
+        """Evaluate, keep the best prompt, tell the callback; True when patience ran out."""
+        metrics = evaluate(backbone, prompt.weight.detach(), task, dev_set, config.eval_batch_size)
+        score, tiebreak = metrics[task.metric], metrics.get("label_logprob", 0.0)
+        metrics["train_loss"] = sum(losses) / len(losses) if losses else math.nan
+        losses.clear()
+        state.history.append({"step": step, **metrics})
+        if (score, tiebreak) > (state.best_metric, state.best_tiebreak):
+            state.best_metric, state.best_tiebreak, state.best_step, state.evals_since_best = score, tiebreak, step, 0
+            state.best_prompt = prompt.weight.detach().cpu().clone()
+        else:
+            state.evals_since_best += 1
+        state.step, state.prompt = step, prompt.weight.detach().cpu().clone()
+        state.exp_avg, state.exp_avg_sq, state.adam_step = _adam_state(optimizer, prompt)
+        if callback is not None:
+            callback(step, {**metrics, "best": state.best_metric, "step": step}, state)
+        return config.patience is not None and state.evals_since_best >= config.patience
+
+    bar = tqdm(total=total, initial=state.step, desc=f"{config.task} s{config.seed}", disable=not config.progress)
+    batches = _batches(len(train_set), config.batch_size, config.data_seed, state.step)
+    stopped = False
+    for step in range(state.step + 1, total + 1):
+        rows = [train_set[i] for i in next(batches)]
+        loss = backbone.loss(prompt(), [e.source for e in rows], [e.target for e in rows])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(prompt.parameters(), config.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        losses.append(loss.item())
+        bar.update(1)
+        bar.set_postfix(loss=f"{losses[-1]:.3f}", best=f"{state.best_metric:.3f}")
+        if step % config.eval_every == 0 or step == total:
+            if run_eval(step):
+                stopped = True
+                break
+    bar.close()
+    if not state.history:  # resumed at the very end: still report a metric
+        run_eval(state.step)
+    best = next(h for h in state.history if h["step"] == state.best_step) if state.history else {}
+    metrics = {k: v for k, v in best.items() if k != "step"} | {"best_step": float(state.best_step), "early_stopped": float(stopped)}
+    return TrainResult(
+        config=config, tuned=state.best_prompt, origin=origin, metrics=metrics, history=state.history,
+        steps=state.step, seconds=time.perf_counter() - started,
+    )
+
+
+def _adam_state(optimizer: torch.optim.Optimizer, prompt: SoftPrompt) -> tuple[Tensor | None, Tensor | None, float]:
+    st = optimizer.state.get(prompt.weight)
+    if not st:
+        return None, None, 0.0
+    return st["exp_avg"].detach().cpu().clone(), st["exp_avg_sq"].detach().cpu().clone(), float(st["step"])
+
+
+def _restore_adam(optimizer: torch.optim.Optimizer, prompt: SoftPrompt, ckpt: TrainCheckpoint) -> None:
+    device = prompt.weight.device
+    optimizer.state[prompt.weight] = {
+        "step": torch.tensor(ckpt.adam_step),
+        "exp_avg": ckpt.exp_avg.to(device),
+        "exp_avg_sq": ckpt.exp_avg_sq.to(device),
+    }
