@@ -310,7 +310,11 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         args.func(args)
-    except (ValueError, LookupError, OSError, ValidationError, StoreError) as exc:
+    except ValidationError as exc:
+        fields = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'input'}: {e['msg']}" for e in exc.errors())
+        print(f"error: {exc.title}: {fields}", file=sys.stderr)
+        return 2
+    except (ValueError, LookupError, OSError, StoreError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -1,0 +1,77 @@
+"""The `tpv` command end to end on a tiny model and a real store; bad input is one clear line and exit code 2."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from test_train import write_sentiment_task
+
+
+def tpv(*args: str, home) -> subprocess.CompletedProcess:
+    env = {**os.environ, "TPV_HOME": str(home), "TPV_STORE": str(home / "store")}
+    return subprocess.run([sys.executable, "-m", "tpv.cli", *args], capture_output=True, text=True, env=env, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_causal_path):
+    """A home with a persisted user task and two stored vectors (two origin seeds), made through the CLI."""
+    home = tmp_path_factory.mktemp("cli-home")
+    write_sentiment_task(home, "cli_sentiment")
+    assert tpv("tasks", "add", str(home / "cli_sentiment.yaml"), home=home).returncode == 0
+    ids = []
+    for seed in ("0", "1"):
+        out = tpv("train", "--task", "cli_sentiment", "--backbone", str(tiny_causal_path), "--seed", seed,
+                  "--steps", "4", "--prompt-length", "4", home=home)
+        assert out.returncode == 0, out.stderr
+        ids.append(json.loads(out.stdout)["vector_id"])
+    return home, ids
+
+
+def test_train_list_show_similarity_compose_eval(trained, tiny_causal_path):
+    home, ids = trained
+    listed = tpv("vectors", "list", home=home)
+    assert listed.returncode == 0 and all(i in listed.stdout for i in ids) and "2 vector(s)" in listed.stdout
+    shown = json.loads(tpv("vectors", "show", ids[0], home=home).stdout)
+    assert shown["vector_id"] == ids[0] and shown["prompt_length"] == 4
+    sim = tpv("vectors", "similarity", home=home)
+    assert sim.returncode == 0 and "1.000" in sim.stdout and "cli_sentiment/s1" in sim.stdout
+    composed = tpv("compose", "--term", "cli_sentiment=0.5", "--backbone", str(tiny_causal_path), "--save-name", "half",
+                   "--out", str(home / "p.safetensors"), home=home)
+    assert composed.returncode == 0, composed.stderr
+    assert (home / "p.safetensors").is_file() and "saved composition 'half'" in composed.stdout
+    evaluated = tpv("eval", "--task", "cli_sentiment", "--name", "half", "--backbone", str(tiny_causal_path), home=home)
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert 0.0 <= json.loads(evaluated.stdout)["accuracy"] <= 1.0
+    exported = tpv("export-peft", ids[0], "--out", str(home / "adapter"), "--backbone", str(tiny_causal_path), home=home)
+    assert exported.returncode == 0 and (home / "adapter" / "adapter_config.json").is_file()
+    imported = tpv("import-peft", str(home / "adapter"), "--task", "cli_sentiment", "--origin-seed", "0",
+                   "--backbone", str(tiny_causal_path), home=home)
+    assert imported.returncode == 0 and imported.stdout.strip() == ids[0]  # same content, same id: no duplicate
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["vectors", "show", "no-such-vector"], "no-such-vector"),
+        (["vectors", "show", "../../etc/passwd"], "../../etc/passwd"),
+        (["compose", "--term", "cli_sentiment=nan"], "finite"),
+        (["compose", "--term", "nothing_stored=1"], "nothing_stored"),
+        (["compose", "--term", "cli_sentiment=1", "--method", "bogus"], "bogus"),
+        (["eval", "--task", "unknown_task", "--term", "cli_sentiment=1"], "unknown task 'unknown_task'"),
+        (["train", "--task", "rotten_tomatoes", "--steps", "1"], "tpv data fetch"),
+        (["tasks", "add", "/no/such/config.yaml"], "not found"),
+        (["compose", "--spec", "{not json"], "error"),
+    ],
+)
+def test_bad_input_is_one_clear_line(trained, tiny_causal_path, args, message):
+    home, _ = trained
+    if args[0] in ("compose", "eval", "train"):
+        args = [*args, "--backbone", str(tiny_causal_path)]
+    out = tpv(*args, home=home)
+    assert out.returncode == 2, (out.stdout, out.stderr)
+    assert out.stderr.startswith("error: ") and message in out.stderr and "Traceback" not in out.stderr
