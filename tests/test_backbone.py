@@ -14,12 +14,12 @@ SOURCES = ["the movie was great", "boring and a waste of time", "what is the cap
 
 @pytest.fixture(scope="module")
 def causal(tiny_causal_path) -> Backbone:
-    return Backbone.load(BackboneConfig(model=str(tiny_causal_path)))
+    return Backbone.load(BackboneConfig(model=str(tiny_causal_path), dtype="float32"))  # exact comparisons on GPU too
 
 
 @pytest.fixture(scope="module")
 def t5(tiny_t5_path) -> Backbone:
-    return Backbone.load(BackboneConfig(model=str(tiny_t5_path)))
+    return Backbone.load(BackboneConfig(model=str(tiny_t5_path), dtype="float32"))
 
 
 def naive_label_loglik(bb: Backbone, prompt: torch.Tensor, source: str, label: str) -> float:
@@ -28,7 +28,7 @@ def naive_label_loglik(bb: Backbone, prompt: torch.Tensor, source: str, label: s
     if bb.is_seq2seq:
         ids = torch.tensor([tok(source)["input_ids"]])
         embeds = torch.cat([prompt.unsqueeze(0), bb.embed(ids)], 1)
-        labels = torch.tensor([tok(label)["input_ids"]])
+        labels = torch.tensor([tok(label)["input_ids"]], device=bb.device)
         logp = bb.model(inputs_embeds=embeds, labels=labels).logits.log_softmax(-1)[0]
         return sum(logp[j, t].item() for j, t in enumerate(labels[0].tolist()))
     src = tok(source, add_special_tokens=False)["input_ids"]
@@ -44,6 +44,7 @@ def naive_label_loglik(bb: Backbone, prompt: torch.Tensor, source: str, label: s
 def test_label_scores_match_full_logits(which, labels, request):
     bb = request.getfixturevalue(which)
     origin = make_origin(bb, 6, seed=3)
+    origin = origin.to(bb.device)
     with torch.no_grad():
         fast = bb.score_labels(origin, SOURCES, labels)
         ref = torch.tensor([[naive_label_loglik(bb, origin, s, lab) for lab in labels] for s in SOURCES])
