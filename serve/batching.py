@@ -1,0 +1,380 @@
+"""Heterogeneous batching without Serve: per-composition prompt cache + one forward for many compositions.
+
+Plain Python (no Ray import) so it is tested directly; `serve.app` wraps it in `@serve.batch`.
+
+- `PromptCache`: LRU of `PromptEntry` (the composed prompt [L, d] on the model's device, and for causal backbones
+  its attention keys/values `PromptPrefix`), bounded in entries AND bytes, keyed by (store version, the
+  composition's canonical spec). A composition is composed and its prefix computed once per store version, never
+  per row or per request.
+- `StoreWatcher`: polls `store.version()` at most every `interval_s`; on a change the composer's cache and the
+  prompt cache are dropped, so a vector or named composition replaced in the store is never served stale after
+  the reload window.
+- `score_batch`: many (composition, sources, labels) requests -> ONE `backbone.score_labels` forward per prompt
+  length, rows of different compositions stacked with a per-row prefix (causal) or a per-row prompt tensor
+  (seq2seq). Different label sets share that forward when every label is one token (causal: all scores come from
+  the last position); otherwise each label set is its own group (one forward each).
+- `generate_batch`: the same for greedy generation (one `backbone.generate` per prompt length x token bound).
+- `PromptServer`: the above wired to one backbone and one store (what a replica holds).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from tpv.backbone import Backbone, PromptPrefix
+from tpv.compose import Composer, CompositionSpec
+from tpv.prompt import make_origin
+from tpv.store import VectorStore
+from tpv.vectors import VectorMeta
+
+__all__ = [
+    "BatchReport", "GenerateItem", "PromptCache", "PromptEntry", "PromptServer", "ScoreItem", "StoreWatcher",
+    "generate_batch", "score_batch",
+]
+
+
+# ---- the per-composition cache ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class PromptEntry:
+    """One composition ready to serve: the composed prompt and (causal) its keys/values for one row."""
+
+    key: str  # the composition's canonical spec
+    version: str  # the store version it was built at
+    prompt: Tensor  # [L, d], on the backbone's device and dtype
+    prefix: PromptPrefix | None  # 1 row; None for seq2seq backbones
+
+    @property
+    def prompt_length(self) -> int:
+        return int(self.prompt.shape[0])
+
+    def nbytes(self) -> int:
+        size = self.prompt.numel() * self.prompt.element_size()
+        return size + (self.prefix.nbytes() if self.prefix is not None else 0)
+
+
+class PromptCache:
+    """LRU of PromptEntry keyed by (store version, canonical spec), bounded in entries and bytes. Thread-safe."""
+
+    def __init__(self, max_entries: int = 256, max_bytes: int = 1 << 30) -> None:
+        if max_entries < 0 or max_bytes < 0:
+            raise ValueError(f"cache bounds must be >= 0, got max_entries={max_entries}, max_bytes={max_bytes}")
+        self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        self._data: OrderedDict[tuple[str, str], PromptEntry] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self.hits = self.misses = self.evictions = 0
+
+    def get(self, key: str, version: str) -> PromptEntry | None:
+        with self._lock:
+            entry = self._data.get((version, key))
+            if entry is None:
+                self.misses += 1
+                return None
+            self._data.move_to_end((version, key))
+            self.hits += 1
+            return entry
+
+    def put(self, entry: PromptEntry) -> None:
+        size = entry.nbytes()
+        with self._lock:
+            if size > self.max_bytes or self.max_entries == 0:
+                return  # too big to keep: served once, rebuilt next time
+            old = self._data.pop((entry.version, entry.key), None)
+            if old is not None:
+                self._bytes -= old.nbytes()
+            self._data[(entry.version, entry.key)] = entry
+            self._bytes += size
+            while len(self._data) > self.max_entries or self._bytes > self.max_bytes:
+                _, evicted = self._data.popitem(last=False)
+                self._bytes -= evicted.nbytes()
+                self.evictions += 1
+
+    def drop_versions_except(self, version: str | None) -> int:
+        """Forget entries built at any other store version (they can never be hit again); returns how many."""
+        with self._lock:
+            stale = [k for k in self._data if k[0] != version]
+            for k in stale:
+                self._bytes -= self._data.pop(k).nbytes()
+            return len(stale)
+
+    def resize(self, max_entries: int, max_bytes: int) -> None:
+        with self._lock:
+            self.max_entries, self.max_bytes = max_entries, max_bytes
+            while self._data and (len(self._data) > max_entries or self._bytes > max_bytes):
+                _, evicted = self._data.popitem(last=False)
+                self._bytes -= evicted.nbytes()
+                self.evictions += 1
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def info(self) -> dict[str, int]:
+        with self._lock:
+            return {
+                "entries": len(self._data), "bytes": self._bytes, "max_entries": self.max_entries,
+                "max_bytes": self.max_bytes, "hits": self.hits, "misses": self.misses, "evictions": self.evictions,
+            }
+
+
+class StoreWatcher:
+    """Cheap change detection: `store.version()` at most every `interval_s` seconds (0 = on every check)."""
+
+    def __init__(self, store: VectorStore, interval_s: float, on_change: Callable[[str], None]) -> None:
+        if not interval_s >= 0:
+            raise ValueError(f"reload interval must be >= 0 seconds, got {interval_s}")
+        self.store = store
+        self.interval_s = float(interval_s)
+        self.on_change = on_change
+        self._lock = threading.Lock()
+        self.version = store.version()
+        self.checked_at = time.monotonic()
+        self.reloads = 0
+
+    def check(self, force: bool = False) -> str:
+        """The current store version (polling the store if the interval has passed)."""
+        with self._lock:
+            now = time.monotonic()
+            if force or now - self.checked_at >= self.interval_s:
+                self.checked_at = now
+                version = self.store.version()
+                if version != self.version:
+                    self.version = version
+                    self.reloads += 1
+                    self.on_change(version)
+            return self.version
+
+
+# ---- one forward for many compositions -------------------------------------------------------------------------
+
+
+@dataclass
+class ScoreItem:
+    """One request's rows: every source is scored against `labels` under the request's composition."""
+
+    entry: PromptEntry
+    sources: list[str]
+    labels: tuple[str, ...]
+
+    @property
+    def rows(self) -> int:
+        return len(self.sources)
+
+
+@dataclass
+class GenerateItem:
+    entry: PromptEntry
+    sources: list[str]
+    max_new_tokens: int
+
+    @property
+    def rows(self) -> int:
+        return len(self.sources)
+
+
+@dataclass
+class BatchReport:
+    """What one batch did: requests, rows, distinct compositions, forward passes (one per group)."""
+
+    requests: int = 0
+    rows: int = 0
+    compositions: int = 0
+    forwards: int = 0
+    seconds: float = 0.0
+    groups: list[dict] = field(default_factory=list)
+
+
+def _stacked_prompt(backbone: Backbone, entries: Sequence[PromptEntry], row_of: list[int]) -> Tensor | PromptPrefix:
+    """The per-row prompt of a batch: row r uses entries[row_of[r]]; each distinct composition's cached keys/values
+    (causal) or prompt (seq2seq) is gathered, never recomputed."""
+    if not backbone.is_seq2seq and all(e.prefix is not None for e in entries):
+        if len(entries) == 1:
+            return entries[0].prefix  # a 1-row prefix broadcasts to every row
+        return PromptPrefix.cat([entries[j].prefix for j in row_of])  # type: ignore[misc]  # one copy, row order
+    if len(entries) == 1:
+        return entries[0].prompt.unsqueeze(0)
+    return torch.stack([entries[j].prompt for j in row_of])
+
+
+def _groups(items: Sequence, key: Callable) -> OrderedDict:
+    out: OrderedDict = OrderedDict()
+    for i, item in enumerate(items):
+        out.setdefault(key(item), []).append(i)
+    return out
+
+
+def _single_token(backbone: Backbone, labels: Sequence[str]) -> bool:
+    """Causal backbones score one-token labels from the last source position alone (`Backbone.score_labels`' fast
+    path), so any label sets can share that one forward: the union of labels is scored and each row keeps its own."""
+    if backbone.is_seq2seq:
+        return False
+    return all(len(ids) == 1 for ids in backbone._target_ids(list(labels), eos=False))
+
+
+def score_batch(backbone: Backbone, items: Sequence[ScoreItem]) -> tuple[list[Tensor], BatchReport]:
+    """Label log-likelihoods [rows_i, C_i] for every request, in order, in ONE forward per group of requests that
+    share a prompt length and either a label set or (causal) only one-token labels, whatever the compositions."""
+    start = time.perf_counter()
+    results: list[Tensor | None] = [None] * len(items)
+    report = BatchReport(requests=len(items), rows=sum(i.rows for i in items))
+    report.compositions = len({id(i.entry) for i in items})
+    fast: dict[tuple[str, ...], bool] = {}
+    for it in items:
+        if it.labels not in fast:
+            fast[it.labels] = _single_token(backbone, it.labels)
+
+    def group_key(it: ScoreItem):
+        return (None if fast[it.labels] else it.labels, it.entry.prompt_length)
+
+    for (label_key, _length), members in _groups(items, group_key).items():
+        if label_key is None:  # union of one-token label sets, first-seen order
+            labels = list(dict.fromkeys(lab for i in members for lab in items[i].labels))
+        else:
+            labels = list(label_key)
+        column = {lab: j for j, lab in enumerate(labels)}
+        entries: list[PromptEntry] = []
+        slot: dict[int, int] = {}
+        row_of: list[int] = []
+        sources: list[str] = []
+        for i in members:
+            e = items[i].entry
+            if id(e) not in slot:
+                slot[id(e)] = len(entries)
+                entries.append(e)
+            row_of.extend([slot[id(e)]] * items[i].rows)
+            sources.extend(items[i].sources)
+        scores = backbone.score_labels(_stacked_prompt(backbone, entries, row_of), sources, labels)
+        report.forwards += 1
+        report.groups.append({"labels": labels, "label_sets": len({items[i].labels for i in members}),
+                              "requests": len(members), "rows": len(sources), "compositions": len(entries)})
+        offset = 0
+        for i in members:
+            cols = [column[lab] for lab in items[i].labels]
+            results[i] = scores[offset : offset + items[i].rows][:, cols].float()
+            offset += items[i].rows
+    report.seconds = time.perf_counter() - start
+    return results, report  # type: ignore[return-value]
+
+
+def generate_batch(backbone: Backbone, items: Sequence[GenerateItem]) -> tuple[list[list[str]], BatchReport]:
+    """Greedy continuations for every request, in order; one `generate` per (prompt length, token bound) group,
+    rows of different compositions each with their own prompt."""
+    start = time.perf_counter()
+    results: list[list[str] | None] = [None] * len(items)
+    report = BatchReport(requests=len(items), rows=sum(i.rows for i in items))
+    report.compositions = len({id(i.entry) for i in items})
+    for (_length, max_new), members in _groups(items, lambda it: (it.entry.prompt_length, it.max_new_tokens)).items():
+        prompts = torch.stack([items[i].entry.prompt for i in members for _ in items[i].sources])
+        sources = [s for i in members for s in items[i].sources]
+        texts = backbone.generate(prompts, sources, max_new_tokens=max_new)
+        report.forwards += 1
+        report.groups.append({"max_new_tokens": max_new, "requests": len(members), "rows": len(sources)})
+        offset = 0
+        for i in members:
+            results[i] = texts[offset : offset + items[i].rows]
+            offset += items[i].rows
+    report.seconds = time.perf_counter() - start
+    return results, report  # type: ignore[return-value]
+
+
+# ---- a replica's state ------------------------------------------------------------------------------------------
+
+
+class PromptServer:
+    """One backbone + one store: compositions -> cached PromptEntry, with hot reload by polling the store."""
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        store: VectorStore,
+        *,
+        reload_interval_s: float = 2.0,
+        cache_max_entries: int = 256,
+        cache_max_bytes: int = 1 << 30,
+    ) -> None:
+        self.backbone = backbone
+        self.store = store
+        self._origins: dict[tuple[int, int], Tensor] = {}
+        self.composer = Composer(store, self._origin, max_entries=cache_max_entries, max_bytes=cache_max_bytes)
+        self.cache = PromptCache(cache_max_entries, cache_max_bytes)
+        self._lock = threading.Lock()
+        self._named: dict[tuple[str, str], CompositionSpec] = {}
+        self._metas: tuple[str, list[VectorMeta]] | None = None
+        self.watcher = StoreWatcher(store, reload_interval_s, self._on_store_change)
+
+    def _origin(self, length: int, seed: int) -> Tensor:
+        key = (length, seed)
+        if key not in self._origins:
+            if len(self._origins) > 64:
+                self._origins.clear()
+            self._origins[key] = make_origin(self.backbone, length, seed)
+        return self._origins[key]
+
+    def _on_store_change(self, version: str) -> None:
+        self.composer.invalidate()
+        self.cache.drop_versions_except(version)
+        with self._lock:
+            self._named.clear()
+            self._metas = None
+
+    def configure(self, *, reload_interval_s: float, cache_max_entries: int, cache_max_bytes: int) -> None:
+        self.watcher.interval_s = float(reload_interval_s)
+        self.cache.resize(cache_max_entries, cache_max_bytes)
+
+    def version(self, force: bool = False) -> str:
+        return self.watcher.check(force=force)
+
+    def cached(self, spec: CompositionSpec) -> PromptEntry | None:
+        """The cached entry at the current store version, or None (cheap: no model or file work)."""
+        return self.cache.get(spec.canonical(), self.version())
+
+    @torch.no_grad()
+    def entry(self, spec: CompositionSpec) -> PromptEntry:
+        """The cached prompt (and prefix) of a composition at the current store version; builds it on a miss.
+        Raises the composer's errors (UnknownVector, NotFound, CompositionError) for bad specs."""
+        version = self.version()
+        key = spec.canonical()
+        cached = self.cache.get(key, version)
+        if cached is not None:
+            return cached
+        prompt = self.composer.compose(spec).to(self.backbone.device, self.backbone.dtype)
+        prefix = None if self.backbone.is_seq2seq else self.backbone.prefix(prompt.unsqueeze(0))
+        entry = PromptEntry(key=key, version=version, prompt=prompt, prefix=prefix)
+        if version == self.watcher.version:  # the store moved on while building: serve it, do not keep it
+            self.cache.put(entry)
+        return entry
+
+    def named(self, name: str) -> CompositionSpec:
+        """A stored composition's spec, read once per store version."""
+        version = self.version()
+        with self._lock:
+            hit = self._named.get((version, name))
+        if hit is not None:
+            return hit
+        spec = self.composer.named(self.backbone.backbone_id, name)
+        with self._lock:
+            if len(self._named) > 1024:
+                self._named.clear()
+            self._named[(version, name)] = spec
+        return spec
+
+    def metas(self) -> list[VectorMeta]:
+        """Metadata of the served backbone's vectors, listed once per store version."""
+        version = self.version()
+        with self._lock:
+            if self._metas is not None and self._metas[0] == version:
+                return self._metas[1]
+        bb = self.backbone.backbone_id
+        metas = self.store.list(bb) if bb in self.store.backbones() else []
+        with self._lock:
+            self._metas = (version, metas)
+        return metas

@@ -1,0 +1,342 @@
+"""Pydantic models of the HTTP API (requests and responses, with examples) and of the replica's `user_config`.
+
+Static bounds here are hard caps that hold whatever the config says (they keep absurd bodies out before any work);
+the configurable limits (`Limits`) are checked by the app and answered with a 422 that names the limit.
+Non-finite numbers are refused everywhere (`allow_inf_nan=False`), including JSON's NaN/Infinity literals.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    StringConstraints,
+    Tag,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
+
+from tpv.bundled import DEFAULT_BACKBONE
+
+HARD_MAX_INPUTS = 1024
+HARD_MAX_CHARS = 100_000
+HARD_MAX_LABELS = 256
+HARD_MAX_TERMS = 32  # tpv.compose.MAX_TERMS
+HARD_MAX_NEW_TOKENS = 512
+
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+_NAME_RE = re.compile(NAME_PATTERN)
+
+
+def _plain_name(value: str) -> str:
+    if not _NAME_RE.match(value) or ".." in value:
+        raise ValueError(
+            f"invalid name {value[:80]!r}: names are plain words (letters, digits, '.', '_', '-'; no leading '.', "
+            "no '..', no path separators), never paths"
+        )
+    return value
+
+
+Name = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=128),
+    AfterValidator(_plain_name),
+    WithJsonSchema({"type": "string", "pattern": NAME_PATTERN, "maxLength": 128}),
+]
+"""A store name (task, vector id, composition, backbone): letters, digits, '.', '_', '-', no path separators."""
+
+
+def _non_blank(value: str) -> str:
+    if not value.strip():
+        raise ValueError("text must not be empty or only whitespace")
+    return value
+
+
+Text = Annotated[str, StringConstraints(min_length=1, max_length=HARD_MAX_CHARS), AfterValidator(_non_blank)]
+
+def _kind(value: Any) -> str | None:
+    """Which form a value takes, so a validation error speaks of that form only (not of every union member)."""
+    if isinstance(value, str):
+        return "text"
+    if isinstance(value, list):
+        return "texts"
+    if isinstance(value, dict):
+        return "fields"
+    return None
+
+
+InputItem = Annotated[
+    Annotated[Text, Tag("text")]
+    | Annotated[list[Text], Field(min_length=1, max_length=8), Tag("texts")]
+    | Annotated[dict[Name, Text], Field(min_length=1, max_length=8), Tag("fields")],
+    Discriminator(_kind, custom_error_type="input_type",
+                  custom_error_message="an input is a text, a list of texts (e.g. a pair) or an object {field: text}"),
+    Field(description="a text, a pair [text, text_pair] (filled into the template's fields in order), or an "
+                      "object {field: text}"),
+]
+
+_STRICT = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+# ---- composition --------------------------------------------------------------------------------------------------
+
+
+class Term(BaseModel):
+    """One input of a composition: a stored vector by id, or a task (the mean of that task's stored vectors)."""
+
+    model_config = _STRICT
+
+    task: Name | None = Field(None, examples=["rotten_tomatoes"])
+    vector_id: Name | None = Field(None, examples=["rotten_tomatoes-s0-0123456789ab"])
+    weight: float = Field(1.0, ge=-1000.0, le=1000.0, description="finite; the config's limits.max_abs_weight applies")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> Term:
+        if (self.task is None) == (self.vector_id is None):
+            raise ValueError("a term names exactly one of 'task' or 'vector_id'")
+        return self
+
+
+class InlineComposition(BaseModel):
+    """prompt = origin(prompt_length, origin_seed) + coefficient * merge(method, [tau_i], [w_i], **params)."""
+
+    model_config = ConfigDict(
+        extra="forbid", allow_inf_nan=False,
+        json_schema_extra={"examples": [
+            {"terms": [{"task": "rotten_tomatoes", "weight": 0.7}, {"task": "tweets", "weight": 0.3}],
+             "origin_seed": 0, "method": "weighted"},
+        ]},
+    )
+
+    terms: list[Term] = Field(min_length=1, max_length=HARD_MAX_TERMS)
+    origin_seed: int = Field(0, ge=0, lt=2**31)
+    prompt_length: int | None = Field(
+        None, gt=0, le=4096, description="rows of the soft prompt; inferred from the stored vectors when omitted"
+    )
+    method: Name = Field("weighted", description="a tpv.merge method: sum, weighted, negate, mean, ties, dare")
+    coefficient: float = Field(1.0, ge=-1000.0, le=1000.0)
+    params: dict[Name, float | int | bool] = Field(default_factory=dict, max_length=16,
+                                                    description="the merge method's own parameters")
+    backbone_id: Name | None = Field(None, description="if given, must be the served backbone")
+
+
+def _composition_kind(value: Any) -> str | None:
+    return {"text": "name", "fields": "inline"}.get(_kind(value) or "")
+
+
+CompositionRef = Annotated[
+    Annotated[InlineComposition, Tag("inline")] | Annotated[Name, Tag("name")],
+    Discriminator(_composition_kind, custom_error_type="composition_type",
+                  custom_error_message="a composition is an object {terms, origin_seed, ...} or a stored name"),
+    Field(description="an inline composition, or the name of a composition stored for the served backbone"),
+]
+
+
+# ---- requests -----------------------------------------------------------------------------------------------------
+
+
+class _TemplateFields(BaseModel):
+    task: Name | None = Field(None, description="a registered task: its template (and, for classify, its labels)")
+    template: Annotated[str, StringConstraints(min_length=1, max_length=4000)] | None = Field(
+        None, description="str.format template over the input fields, e.g. 'review: {text} sentiment:'; "
+                          "default: the task's, else '{text}' (pairs: '{text} {text_pair}')",
+    )
+
+
+class ClassifyRequest(_TemplateFields):
+    """Rank classification: each label string's log-likelihood after each input, softmaxed into probabilities."""
+
+    model_config = ConfigDict(
+        extra="forbid", allow_inf_nan=False,
+        json_schema_extra={"examples": [
+            {"inputs": ["a gripping, beautifully acted story", "the plot drags and the jokes fall flat"],
+             "composition": {"terms": [{"task": "rotten_tomatoes"}], "origin_seed": 0},
+             "task": "rotten_tomatoes"},
+            {"inputs": [["the cat sat on the mat", "a cat is sitting"]], "composition": "nli-mix",
+             "task": "presuppositions_nli"},
+            {"inputs": ["win a free cruise now!!!"], "composition": {"terms": [{"task": "sms_spam"}]},
+             "labels": ["ham", "spam"], "template": "message: {text} label:"},
+        ]},
+    )
+
+    inputs: list[InputItem] = Field(min_length=1, max_length=HARD_MAX_INPUTS)
+    composition: CompositionRef
+    labels: list[Annotated[str, StringConstraints(min_length=1, max_length=1000)]] | None = Field(
+        None, min_length=2, max_length=HARD_MAX_LABELS, description="label strings; default: the task's labels"
+    )
+
+    @field_validator("labels")
+    @classmethod
+    def _distinct(cls, labels: list[str] | None) -> list[str] | None:
+        if labels is None:
+            return None
+        if any(not label.strip() for label in labels):
+            raise ValueError("label strings must not be blank")
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"duplicate labels in {labels}")
+        return labels
+
+    @model_validator(mode="after")
+    def _label_source(self) -> ClassifyRequest:
+        if self.task is None and self.labels is None:
+            raise ValueError("give 'task' (its labels and template) or 'labels' (and optionally 'template')")
+        return self
+
+
+class GenerateRequest(_TemplateFields):
+    """Greedy generation after the composed soft prompt."""
+
+    model_config = ConfigDict(
+        extra="forbid", allow_inf_nan=False,
+        json_schema_extra={"examples": [
+            {"inputs": ["what is the capital of france?"], "composition": {"terms": [{"task": "trec"}]},
+             "task": "trec", "max_new_tokens": 8},
+        ]},
+    )
+
+    inputs: list[InputItem] = Field(min_length=1, max_length=HARD_MAX_INPUTS)
+    composition: CompositionRef
+    max_new_tokens: int | None = Field(None, ge=1, le=HARD_MAX_NEW_TOKENS,
+                                       description="default: 16, or the config's limits.max_new_tokens if lower")
+
+
+# ---- responses ----------------------------------------------------------------------------------------------------
+
+
+class ClassifyResult(BaseModel):
+    label: str = Field(description="the most likely label")
+    scores: dict[str, float] = Field(description="probability per label (softmax of the log-likelihoods)")
+    log_likelihoods: dict[str, float] = Field(description="summed log-likelihood of each label string")
+
+
+class ClassifyResponse(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"backbone_id": "smollm2-135m-instruct", "labels": ["negative", "positive"],
+         "composition": {"backbone_id": "smollm2-135m-instruct", "terms": [{"task": "rotten_tomatoes", "weight": 1.0}],
+                         "origin_seed": 0, "prompt_length": 50, "method": "weighted", "coefficient": 1.0, "params": {}},
+         "results": [{"label": "positive", "scores": {"negative": 0.12, "positive": 0.88},
+                      "log_likelihoods": {"negative": -3.1, "positive": -1.1}}]},
+    ]})
+
+    backbone_id: str
+    labels: list[str]
+    composition: dict[str, Any] = Field(description="the composition served (a stored one resolved, defaults filled)")
+    results: list[ClassifyResult]
+
+
+class GenerateResult(BaseModel):
+    text: str
+
+
+class GenerateResponse(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"backbone_id": "smollm2-135m-instruct", "composition": {"terms": [{"task": "trec", "weight": 1.0}]},
+         "results": [{"text": "location"}]},
+    ]})
+
+    backbone_id: str
+    composition: dict[str, Any]
+    results: list[GenerateResult]
+
+
+class VectorInfo(BaseModel):
+    vector_id: str
+    task: str
+    kind: str
+    prompt_length: int
+    hidden_size: int
+    origin_seed: int
+    created_at: str
+    metrics: dict[str, Any] = {}
+
+
+class VectorsResponse(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"backbone_id": "smollm2-135m-instruct", "store_version": "3f2a...", "tasks": {"rotten_tomatoes": 3},
+         "compositions": ["sentiment-mix"],
+         "vectors": [{"vector_id": "rotten_tomatoes-s0-0123456789ab", "task": "rotten_tomatoes", "kind": "task",
+                      "prompt_length": 50, "hidden_size": 576, "origin_seed": 0,
+                      "created_at": "2026-01-01T00:00:00+00:00", "metrics": {"accuracy": 0.84}}]},
+    ]})
+
+    backbone_id: str
+    store_version: str
+    tasks: dict[str, int]
+    compositions: list[str]
+    vectors: list[VectorInfo]
+
+
+class HealthResponse(BaseModel):
+    status: Literal["ok"]
+    backbone_id: str
+    is_seq2seq: bool
+    device: str
+    store_uri: str
+    store_version: str
+    reloads: int
+    pid: int
+    replica: str
+    settings: dict[str, Any]
+    prompt_cache: dict[str, int]
+    batching: dict[str, Any]
+
+
+class ErrorResponse(BaseModel):
+    """Every error: a short kind, a message that says what was wrong and what is accepted."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"error": "not_found", "detail": "no vectors for task 'sst9' on backbone 'smollm2-135m-instruct'; "
+                                         "tasks stored: ['rotten_tomatoes', 'tweets']"},
+    ]})
+
+    error: str
+    detail: str
+    errors: list[dict[str, Any]] | None = None
+
+
+# ---- replica configuration (Serve user_config) --------------------------------------------------------------------
+
+
+class Limits(BaseModel):
+    """Per-request bounds; anything over them is answered 422 (413 for the body size) and never reaches the model."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    max_inputs: int = Field(64, ge=1, le=HARD_MAX_INPUTS)
+    max_input_chars: int = Field(4000, ge=1, le=HARD_MAX_CHARS, description="per text field, before the template")
+    max_input_tokens: int = Field(256, ge=8, le=8192, description="per rendered input (template filled)")
+    max_labels: int = Field(32, ge=2, le=HARD_MAX_LABELS)
+    max_label_chars: int = Field(100, ge=1, le=1000)
+    max_terms: int = Field(16, ge=1, le=HARD_MAX_TERMS, description="vectors in one composition")
+    max_abs_weight: float = Field(10.0, gt=0, le=1000.0, description="bound on every |weight| and |coefficient|")
+    max_prompt_length: int = Field(512, ge=1, le=4096)
+    max_new_tokens: int = Field(64, ge=1, le=HARD_MAX_NEW_TOKENS)
+    max_body_bytes: int = Field(2_000_000, ge=1024)
+
+
+class ServeSettings(BaseModel):
+    """The deployment's `user_config`: changing it in the Serve config is a lightweight update (`reconfigure`);
+    only a change of backbone/device/dtype/max_input_tokens reloads the model."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    store_uri: str | None = Field(None, description="vector store folder or pyarrow URI; default $TPV_STORE or "
+                                                     "$TPV_HOME/store")
+    backbone: str = Field(DEFAULT_BACKBONE, description="bundled name or local from_pretrained folder")
+    device: str | None = Field(None, description="cpu, cuda, cuda:0...; default cuda when the replica has a GPU")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    max_batch_size: int = Field(32, ge=1, le=4096, description="rows (inputs) per forward pass")
+    batch_wait_timeout_s: float = Field(0.01, ge=0.0, le=10.0)
+    reload_interval_s: float = Field(2.0, ge=0.0, le=3600.0, description="store polling period (the reload window)")
+    cache_max_entries: int = Field(256, ge=0)
+    cache_max_bytes: int = Field(1 << 30, ge=0)
+    torch_threads: int | None = Field(None, ge=1, le=256, description="default: the replica's num_cpus")
+    limits: Limits = Field(default_factory=Limits)
