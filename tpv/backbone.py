@@ -44,6 +44,7 @@ class PromptPrefix:
 
     def select(self, index: Tensor) -> PromptPrefix:
         """Rows of this prefix in a new order (e.g. one composition per request in a mixed batch)."""
+        index = index.to(self.layers[0][0].device)
         return PromptPrefix(tuple((k.index_select(0, index), v.index_select(0, index)) for k, v in self.layers), self.length)
 
     @staticmethod
