@@ -52,7 +52,7 @@ from serve.schemas import (
 from tpv.backbone import Backbone, BackboneConfig
 from tpv.compose import CompositionError, CompositionSpec
 from tpv.merge import MergeError
-from tpv.paths import tpv_home
+from tpv.paths import default_store
 from tpv.store import CorruptVector, NotFound, StoreError, VectorStore
 from tpv.tasks import TaskConfigError, TaskSpec, UnknownTaskError, get_task
 from tpv.tasks.spec import template_fields
@@ -61,10 +61,6 @@ from tpv.vectors import VectorError
 logger = logging.getLogger("ray.serve")
 
 DEFAULT_CONFIG = Path(__file__).with_name("config.yaml")
-
-
-def default_store_uri() -> str:
-    return os.environ.get("TPV_STORE") or str(tpv_home() / "store")
 
 
 # ---- errors -------------------------------------------------------------------------------------------------------
@@ -242,7 +238,7 @@ class TPVServer:
             ))
             logger.info("tpv: loaded %s on %s in %.1fs", backbone.backbone_id, backbone.device,
                         time.perf_counter() - t0)
-        store_uri = settings.store_uri or default_store_uri()
+        store_uri = settings.store_uri or default_store()
         cache = dict(reload_interval_s=settings.reload_interval_s, cache_max_entries=settings.cache_max_entries,
                      cache_max_bytes=settings.cache_max_bytes)
         if self.server is not None and self.server.backbone is backbone and self.server.store.uri == store_uri:
@@ -548,7 +544,7 @@ def load_config(path: str | Path = DEFAULT_CONFIG, overrides: dict[str, Any] | N
                 "reload_interval_s"):
         if key in o:
             user[key] = o[key]
-    user["store_uri"] = user.get("store_uri") or default_store_uri()
+    user["store_uri"] = user.get("store_uri") or default_store()
     env = {k: os.environ[k] for k in ("TPV_HOME", "TPV_STORE") if k in os.environ}
     if env:  # replicas on other nodes read the same caches
         app_env = config["applications"][0].setdefault("runtime_env", {}) or {}

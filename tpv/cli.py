@@ -9,13 +9,12 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import os
 import sys
 from pathlib import Path
 
 from pydantic import ValidationError
 
-from tpv.paths import tpv_home
+from tpv.paths import default_store
 
 # subcommand -> "module:function" taking argv; each parses its own arguments (see its --help)
 DELEGATED = {
@@ -26,11 +25,6 @@ DELEGATED = {
     "demo": "tune_jobs.main_job:main",
     "serve": "serve.app:main",
 }
-
-
-def default_store() -> str:
-    """TPV_STORE, else a folder under TPV_HOME: the same setting the Ray jobs and the server read."""
-    return os.environ.get("TPV_STORE") or str(tpv_home() / "store")
 
 
 def _store(args):

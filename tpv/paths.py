@@ -24,3 +24,8 @@ def archives_dir() -> Path:
 def models_dir() -> Path:
     """Converted model folders (plain safetensors copies of bundled backbones)."""
     return tpv_home() / "models"
+
+
+def default_store() -> str:
+    """The vector store URI every entry point uses unless told otherwise: TPV_STORE, else TPV_HOME/store."""
+    return os.environ.get("TPV_STORE") or str(tpv_home() / "store")
