@@ -217,7 +217,7 @@ def _single_token(backbone: Backbone, labels: Sequence[str]) -> bool:
     path), so any label sets can share that one forward: the union of labels is scored and each row keeps its own."""
     if backbone.is_seq2seq:
         return False
-    return all(len(ids) == 1 for ids in backbone._target_ids(list(labels), eos=False))
+    return all(len(ids) == 1 for ids in backbone.label_token_ids(list(labels)))
 
 
 def score_batch(backbone: Backbone, items: Sequence[ScoreItem]) -> tuple[list[Tensor], BatchReport]:

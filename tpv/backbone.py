@@ -144,6 +144,10 @@ class Backbone:
                 ids = [row + [self.eos_id] for row in ids]
         return [row[: self.config.max_target_tokens] for row in ids]
 
+    def label_token_ids(self, labels: list[str]) -> list[list[int]]:
+        """How each label string is scored: its tokens after a source (decides the one-forward fast path)."""
+        return self._target_ids(list(labels), eos=False)
+
     def _pad(self, rows: list[list[int]], left: bool = False) -> tuple[Tensor, Tensor]:
         width = max(len(r) for r in rows)
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
@@ -262,7 +266,7 @@ class Backbone:
         self._check_rows(prompt, len(sources))
         if not labels:
             raise ValueError("no labels to score")
-        label_ids = self._target_ids(labels, eos=False)
+        label_ids = self.label_token_ids(labels)
         rows, n_labels = len(sources), len(labels)
         if not self.is_seq2seq and all(len(t) == 1 for t in label_ids):
             source_ids = self._source_ids(sources)
