@@ -1,0 +1,114 @@
+"""What Ray Tune costs: the same small set of prompt-tuning trials through the sweep and serially in one process.
+
+Both sides get the same total CPUs (`--cpus`, default 2): the sweep runs one-thread trials side by side
+(`tpv sweep` machinery: Tune trials, checkpoints at every evaluation, vectors written to a store); the serial side
+runs the same TrainConfigs one after another in this process with `--cpus` torch threads, loading the model once
+and writing the same vectors. The two are alternated (serial, sweep, serial, sweep, ...) in one run so that machine
+noise hits both; Ray itself is started once before timing (as a cluster would be). The last line is JSON:
+
+    {"tune_vs_serial_wall": R, ...}     R = total sweep wall time / total serial wall time (target <= 1.15)
+
+    python bench/tune_overhead.py                       # bundled SmolLM2, 4 trials, 2 rounds
+    python bench/tune_overhead.py --steps 16 --rounds 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+
+def serial(configs, store_dir: Path, threads: int) -> float:
+    import torch
+
+    from tpv.store import VectorStore
+    from tpv.train import train
+    from tune_jobs.common import load_backbone
+
+    torch.set_num_threads(threads)
+    start = time.perf_counter()
+    store = VectorStore(store_dir)
+    for cfg in configs:
+        backbone = load_backbone(cfg.backbone)  # loaded once, cached across configs
+        result = train(cfg, backbone=backbone)
+        store.put(result.vector(backbone.backbone_id))
+    return time.perf_counter() - start
+
+
+def swept(config, store_dir: Path, results_dir: Path, round_no: int) -> float:
+    from tune_jobs.common import Locations
+    from tune_jobs.sweep import run_sweep
+
+    cfg = config.model_copy(update={
+        "name": f"bench-r{round_no}", "fresh": True,
+        "locations": Locations(store=str(store_dir), storage_path=str(results_dir), out_dir=str(results_dir)),
+    })
+    start = time.perf_counter()
+    outcome = run_sweep(cfg)
+    wall = time.perf_counter() - start
+    if outcome["failed"]:
+        raise SystemExit(f"sweep round {round_no} had failed trials: {outcome['table']}")
+    return wall
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="backbone (default: the bundled SmolLM2-135M)")
+    p.add_argument("--tasks", nargs="+", default=["rotten_tomatoes", "trec"])
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    p.add_argument("--steps", type=int, default=12, help="training steps per trial (default 12)")
+    p.add_argument("--eval-examples", type=int, default=32)
+    p.add_argument("--cpus", type=int, default=2, help="total CPUs of both sides (default 2)")
+    p.add_argument("--rounds", type=int, default=2, help="alternations of serial and sweep (default 2)")
+    args = p.parse_args(argv)
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from tpv.bundled import DEFAULT_BACKBONE, resolve_model_path
+    from tpv.data_fetch import fetch
+    from tpv.tasks import get_task
+    from tune_jobs.common import init_ray
+    from tune_jobs.sweep import Resources, SweepConfig
+
+    model = args.model or DEFAULT_BACKBONE
+    fetch([t for t in args.tasks if get_task(t).data is None])
+    resolve_model_path(model)
+    train = {"prompt_length": 10, "max_steps": args.steps, "eval_every": max(1, args.steps // 2),
+             "eval_examples": args.eval_examples, "batch_size": 8, "warmup_steps": 2,
+             "backbone": {"max_source_tokens": 64}}
+    config = SweepConfig(name="bench", tasks=args.tasks, seeds=args.seeds, backbones=[model], train=train,
+                         resources=Resources(cpus_per_trial=1.0))
+    configs = config.train_configs()
+    t0 = time.perf_counter()
+    init_ray(num_cpus=args.cpus)
+    ray_init = time.perf_counter() - t0
+    print(f"{len(configs)} trials of {args.steps} steps on {model}; ray.init {ray_init:.1f}s (not timed below)",
+          flush=True)
+
+    work = Path(tempfile.mkdtemp(prefix="tpv-bench-"))
+    serial_walls, tune_walls = [], []
+    try:
+        for r in range(args.rounds):
+            s = serial(configs, work / f"serial-store-{r}", args.cpus)
+            serial_walls.append(s)
+            print(f"round {r}: serial {s:.1f}s", flush=True)
+            t = swept(config, work / f"tune-store-{r}", work / "ray_results", r)
+            tune_walls.append(t)
+            print(f"round {r}: sweep  {t:.1f}s  (ratio {t / s:.3f})", flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    ratio = sum(tune_walls) / sum(serial_walls)
+    print(json.dumps({"tune_vs_serial_wall": round(ratio, 3), "serial_s": [round(x, 1) for x in serial_walls],
+                      "tune_s": [round(x, 1) for x in tune_walls], "median_ratio": round(
+                          statistics.median(t / s for t, s in zip(tune_walls, serial_walls)), 3),
+                      "trials": len(configs), "steps": args.steps, "cpus": args.cpus, "model": model}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,222 @@
+"""The Ray Tune jobs for real: a local Ray (shared per session), a tiny random model, real stores on disk.
+
+Task data is written as `tpv data fetch` writes it (`data_dir()/<task>/{train,validation,test}.jsonl` +
+`meta.json`) into the session's TPV_HOME, which the Ray workers inherit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tpv.paths import data_dir
+from tpv.store import VectorStore
+
+pytestmark = pytest.mark.usefixtures("ray_session")
+
+POS = ["the movie was great", "wonderful acting and a great story", "great fun", "the acting was wonderful"]
+NEG = ["terrible and boring", "a waste of time", "the film was boring", "terrible acting, a waste"]
+QUESTIONS = [("what is the capital of france?", 4), ("who wrote the book?", 3), ("how many people live there?", 5),
+             ("what does the abbreviation mean?", 0), ("why is the sky blue?", 1), ("what animal is it?", 2)]
+
+# small budgets: a trial is ~1 s of compute on the tiny model
+TRAIN = {"max_steps": 8, "eval_every": 4, "prompt_length": 4, "eval_examples": 8, "batch_size": 4,
+         "warmup_steps": 1}
+
+
+def write_builtin_task(task: str, rows: list[dict]) -> None:
+    folder = data_dir() / task
+    folder.mkdir(parents=True, exist_ok=True)
+    for split in ("train", "validation", "test"):
+        (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (folder / "meta.json").write_text(json.dumps({"task": task, "counts": {"train": len(rows)}}))
+
+
+@pytest.fixture(scope="module")
+def tasks() -> list[str]:
+    write_builtin_task("imdb", [{"text": t, "label": 1} for t in POS] * 2 + [{"text": t, "label": 0} for t in NEG] * 2)
+    write_builtin_task("yelp", [{"text": f"{t} here", "label": 1} for t in POS] * 2
+                       + [{"text": f"{t} here", "label": 0} for t in NEG] * 2)
+    write_builtin_task("trec", [{"text": q, "label": y} for q, y in QUESTIONS] * 3)
+    return ["imdb", "trec"]
+
+
+def sweep_config(model: Path, store: Path, tasks: list[str], seeds: list[int], **extra):
+    from tune_jobs.common import Locations
+    from tune_jobs.sweep import SweepConfig
+
+    extra.setdefault("train", TRAIN)
+    return SweepConfig(tasks=tasks, seeds=seeds, backbones=[str(model)],
+                       locations=Locations(store=str(store), out_dir=str(store.parent / "reports")), **extra)
+
+
+@pytest.fixture(scope="module")
+def swept(tiny_causal_path, tasks, tmp_path_factory):
+    """One 2 tasks x 2 seeds sweep, shared by the tests that read its store."""
+    from tune_jobs.sweep import run_sweep
+
+    store = tmp_path_factory.mktemp("sweep") / "store"
+    config = sweep_config(tiny_causal_path, store, tasks, [0, 1], name="clean")
+    return config, run_sweep(config), store
+
+
+def test_sweep_writes_one_vector_per_task_and_seed(swept, tiny_causal_path):
+    config, outcome, store = swept
+    metas = VectorStore(store).list()
+    assert sorted((m.task, m.origin_seed) for m in metas) == [("imdb", 0), ("imdb", 1), ("trec", 0), ("trec", 1)]
+    assert all(m.backbone_id == "tiny-llama" and m.prompt_length == 4 and m.kind == "task" for m in metas)
+    assert all(m.source and m.source.startswith("tpv sweep clean-") for m in metas)
+    assert all(m.train_config["max_steps"] == 8 and "accuracy" in m.metrics for m in metas)
+    assert [r["status"] for r in outcome["rows"]] == ["trained"] * 4 and outcome["failed"] == 0
+    assert {r["vector_id"] for r in outcome["rows"]} == {m.vector_id for m in metas}
+    # origins are stored once per seed, and each vector reproduces its tuned prompt from the stored origin
+    s = VectorStore(store)
+    assert s.get_origin("tiny-llama", 4, 0).shape == (4, 32) and s.get_origin("tiny-llama", 4, 1).shape == (4, 32)
+    table = Path(outcome["paths"]["table_md"]).read_text()
+    assert "imdb/s0" in table and "trec/s1" in table
+    assert Path(outcome["paths"]["table_csv"]).read_text().count("\n") == 5
+    # Ray Tune's storage_path follows the store: the ray_results folder beside it
+    assert outcome["storage_path"] == str(store.parent / "ray_results")
+    assert (store.parent / "ray_results" / outcome["experiment"]).is_dir()
+
+
+def test_rerun_skips_the_stored_pairs(swept, tiny_causal_path, tasks):
+    from tune_jobs.sweep import run_sweep
+
+    config, first, store = swept
+    before = {p: p.stat().st_mtime_ns for p in store.rglob("*") if p.is_file()}
+    trials_before = sorted((store.parent / "ray_results" / first["experiment"]).iterdir())
+    again = run_sweep(config)
+    assert [r["status"] for r in again["rows"]] == ["in store"] * 4
+    assert {p: p.stat().st_mtime_ns for p in store.rglob("*") if p.is_file()} == before  # nothing rewritten
+    assert sorted((store.parent / "ray_results" / first["experiment"]).iterdir()) == trials_before  # Tune not run
+    # a bigger sweep trains only the new pair
+    bigger = sweep_config(tiny_causal_path, store, tasks, [0, 1, 2], name="clean")
+    grown = run_sweep(bigger)
+    statuses = {r["pair"]: r["status"] for r in grown["rows"]}
+    assert statuses == {"imdb/s0": "in store", "imdb/s1": "in store", "trec/s0": "in store", "trec/s1": "in store",
+                        "imdb/s2": "trained", "trec/s2": "trained"}
+    assert len(VectorStore(store).list()) == 6
+
+
+def test_killed_trial_resumes_from_its_checkpoint(swept, tiny_causal_path, tasks, tmp_path):
+    """The imdb/s0 trial dies (os._exit) after its first checkpoint; Tune retries it from that checkpoint and
+    the resumed run writes exactly the vector an uninterrupted run wrote: none lost, none duplicated."""
+    from tune_jobs.sweep import FaultInjection, run_sweep
+
+    _, clean, _ = swept
+    marker = tmp_path / "died-once"
+    store = tmp_path / "store"
+    config = sweep_config(tiny_causal_path, store, ["imdb"], [0, 1], name="faulty",
+                          fault_injection=FaultInjection(task="imdb", seed=0, marker=str(marker)))
+    outcome = run_sweep(config)
+    assert marker.read_text().startswith("imdb/s0 died after step 4")
+    rows = {r["pair"]: r for r in outcome["rows"]}
+    assert rows["imdb/s0"]["status"] == "trained (resumed at step 4)"
+    assert rows["imdb/s1"]["status"] == "trained"
+    metas = VectorStore(store).list()
+    assert sorted((m.task, m.origin_seed) for m in metas) == [("imdb", 0), ("imdb", 1)]
+    clean_ids = {r["pair"]: r["vector_id"] for r in clean["rows"]}
+    assert {m.vector_id for m in metas} == {clean_ids["imdb/s0"], clean_ids["imdb/s1"]}  # bit-identical resume
+
+
+def test_interrupted_sweep_resumes_with_tuner_restore(tiny_causal_path, tasks, tmp_path, ray_session, capsys):
+    """A sweep driver killed mid-trial (SIGKILL): running the same sweep again restores the Tune experiment and
+    finishes it from the trials' checkpoints, one vector per pair."""
+    from tune_jobs.sweep import run_sweep
+
+    store = tmp_path / "store"
+    long_train = {**TRAIN, "max_steps": 400, "eval_every": 20}
+    config = sweep_config(tiny_causal_path, store, ["imdb"], [0], name="interrupted", train=long_train)
+    script = (
+        "import sys; from tune_jobs.sweep import SweepConfig, run_sweep; "
+        f"run_sweep(SweepConfig.model_validate_json({config.model_dump_json()!r}))"
+    )
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    driver = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    results = tmp_path / "ray_results"
+    deadline = time.monotonic() + 120
+    try:
+        while len(list(results.glob("*/*/checkpoint_*"))) < 2:  # two evaluations checkpointed
+            assert driver.poll() is None and time.monotonic() < deadline, "the driver ended before checkpointing"
+            time.sleep(0.2)
+        time.sleep(1.0)  # let Tune snapshot its experiment state
+    finally:
+        driver.kill()
+        driver.wait()
+    assert VectorStore(store).list() == []  # killed before the end: nothing stored yet
+    outcome = run_sweep(config)
+    assert "(Tuner.restore)" in capsys.readouterr().out
+    assert outcome["rows"][0]["status"].startswith("trained") and outcome["failed"] == 0
+    assert [(m.task, m.origin_seed) for m in VectorStore(store).list()] == [("imdb", 0)]
+
+
+def test_similarity_report_tables_and_heatmap(swept, tmp_path):
+    from tune_jobs.report import main, similarity_report
+
+    _, _, store = swept
+    result = similarity_report(str(store), tmp_path, tasks=["imdb", "trec"], seeds=[0, 1])
+    assert result["labels"] == ["imdb/s0", "imdb/s1", "trec/s0", "trec/s1"]
+    matrix = result["matrices"]["row_mean"]
+    assert matrix.shape == (4, 4) and abs(matrix[0, 0] - 1.0) < 1e-6 and abs(matrix[0, 1] - matrix[1, 0]) < 1e-9
+    kinds = [r["pairs"] for r in result["summary"]["row_mean"]]
+    assert kinds == ["same task, different origin", "different task, same origin", "different task, different origin"]
+    assert [r["n"] for r in result["summary"]["row_mean"]] == [2, 2, 2]
+    png = Path(result["paths"]["heatmap"])
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+    assert "imdb/s1" in Path(result["paths"]["row_mean_csv"]).read_text()
+    assert main(["--store", str(store), "--out", str(tmp_path / "cli"), "--tasks", "imdb", "trec"]) == 0
+    assert (tmp_path / "cli" / "similarity" / "similarity.md").is_file()
+
+
+def test_cross_origin_table(swept, tiny_causal_path, tmp_path):
+    from tune_jobs.report import cross_origin_report
+
+    _, _, store = swept
+    result = cross_origin_report(str(store), tmp_path, str(tiny_causal_path), ["imdb"], [0, 1], test_examples=8)
+    kinds = sorted(r["kind"] for r in result["rows"])
+    assert kinds == ["origin only"] * 2 + ["other origin"] * 2 + ["own origin"] * 2
+    assert result["table"][0]["task"] == "imdb" and "own origin (O_i + tau_i)" in result["markdown"]
+
+
+def test_transfer_runs_every_init_and_writes_tables(swept, tiny_causal_path, tmp_path):
+    from tune_jobs.common import Locations
+    from tune_jobs.transfer import TransferConfig, run_transfer
+
+    _, _, store = swept
+    config = TransferConfig(
+        name="tiny-transfer", targets={"yelp": ["imdb", "trec"]}, shots=[0, 2], seeds=[10],
+        backbone=str(tiny_causal_path), train=TRAIN, few_shot_steps=4, test_examples=8, auto_k=1, probe_shots=2,
+        probe_steps=2, locations=Locations(store=str(store), storage_path=str(tmp_path / "ray_results"),
+                                           out_dir=str(tmp_path / "reports")),
+    )
+    result = run_transfer(config)
+    assert result["failed"] == 0
+    cells = {(r["init"], r["shots"]) for r in result["rows"]}
+    assert cells == {(i, k) for i in ["random", "spot", "multi_spot", "tpv", "tpv_auto"] for k in (0, 2)}
+    assert all(0.0 <= r["test"] <= 1.0 for r in result["rows"])
+    assert all(r["steps"] == 0 for r in result["rows"] if r["shots"] == 0)  # zero-shot: the init as it is
+    assert result["auto_sources"]["yelp/s10"][0][0] in {"imdb", "trec"}
+    table = result["tables"]["yelp"]
+    assert "| TPV (auto sources) |" in table and "k=2" in table
+    assert Path(result["paths"]["plot_yelp"]).read_bytes()[:4] == b"\x89PNG"
+    assert len(VectorStore(store).list()) >= 4  # transfer runs read the store, never add task vectors to it
+    assert all(m.source.startswith("tpv sweep") for m in VectorStore(store).list())
+
+
+def test_clis_have_help(capsys):
+    from tune_jobs import main_job, report, sweep, transfer, weights
+
+    for module in (sweep, report, transfer, weights, main_job):
+        with pytest.raises(SystemExit) as exit_info:
+            module.main(["--help"])
+        assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "tpv sweep" in out and "tpv transfer" in out and "tpv search-weights" in out and "tpv demo" in out

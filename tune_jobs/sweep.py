@@ -1,0 +1,267 @@
+"""`tpv sweep`: prompt-tune every task x origin seed (x backbone) with Ray Tune and fill the vector store.
+
+One trial per (backbone, task, seed), FIFO (ASHA across tasks would stop the hard ones early), each with
+`tune.with_resources` from the config (CPUs, or a GPU fraction so several small trials share one GPU). A trial
+reports metrics and a checkpoint at every evaluation; a trial that dies is retried from its last checkpoint
+(`FailureConfig`); an interrupted sweep is resumed with `Tuner.restore` when it is run again; pairs already in the
+store are skipped (before Tune even starts, and again inside each trial), so re-running never duplicates vectors.
+
+    tpv sweep --tasks rotten_tomatoes tweets trec sms_spam --seeds 0 1
+    tpv sweep --config sweep.yaml --set max_steps=400 --gpus-per-trial 0.25
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from tpv.bundled import DEFAULT_BACKBONE
+from tpv.train import TrainConfig
+from tune_jobs.common import (
+    GridOutcome,
+    Locations,
+    TrialSpec,
+    add_location_args,
+    backbone_id_of,
+    csv_text,
+    deep_merge,
+    init_ray,
+    load_yaml_config,
+    locations_from_args,
+    markdown_table,
+    parse_overrides,
+    run_grid,
+    short_hash,
+    stored_pairs,
+    write_text,
+)
+
+Budget = Literal["cpu_demo", "paper"]
+
+
+class Resources(BaseModel):
+    """Per-trial resources: Tune packs as many trials as fit (fractional GPUs share one device)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    cpus_per_trial: float = Field(1.0, gt=0)
+    gpus_per_trial: float = Field(0.0, ge=0, description="e.g. 0.25: four trials share one GPU")
+    max_concurrent: int | None = Field(None, ge=1, description="cap on trials running at once")
+
+
+class FaultInjection(BaseModel):
+    """Testing fault tolerance: the trial of `task` dies once after its first checkpoint (marker file)."""
+
+    task: str
+    seed: int = 0
+    marker: str
+
+
+class SweepConfig(BaseModel):
+    """A sweep; loadable from YAML (`--config`), every field overridable on the command line."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field("sweep", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    tasks: list[str] = Field(min_length=1)
+    seeds: list[int] = Field(default_factory=lambda: [0, 1], min_length=1)
+    backbones: list[str] = Field(default_factory=lambda: [DEFAULT_BACKBONE], min_length=1)
+    budget: Budget = Field("cpu_demo", description="cpu_demo: TrainConfig.cpu_demo budgets; paper: the paper's")
+    train: dict[str, Any] = Field(default_factory=dict, description="TrainConfig fields over the budget preset")
+    resources: Resources = Field(default_factory=Resources)
+    max_failures: int = Field(2, ge=0, description="retries of a dead trial, each from its last checkpoint")
+    locations: Locations = Field(default_factory=Locations)
+    force: bool = Field(False, description="train pairs the store already has (adds vectors)")
+    fresh: bool = Field(False, description="start a new Tune experiment even if an interrupted one exists")
+    verbose: int = Field(0, ge=0, le=3, description="Ray Tune's own console output level")
+    fault_injection: FaultInjection | None = None
+
+    @field_validator("tasks")
+    @classmethod
+    def _known_tasks(cls, tasks: list[str]) -> list[str]:
+        from tpv.tasks import get_task
+
+        for task in tasks:
+            get_task(task)  # UnknownTaskError names the known ones
+        return list(dict.fromkeys(tasks))
+
+    def train_configs(self) -> list[TrainConfig]:
+        """One TrainConfig per (backbone, task, seed); only the origin seed differs between seeds."""
+        configs = []
+        for model in self.backbones:
+            for task in self.tasks:
+                for seed in self.seeds:
+                    if self.budget == "cpu_demo":
+                        base = TrainConfig.cpu_demo(task).model_dump()
+                    else:
+                        base = TrainConfig(task=task).model_dump()
+                    data = deep_merge(base, self.train)
+                    data = deep_merge(data, {"task": task, "seed": seed, "progress": False,
+                                             "backbone": {"model": model}})
+                    configs.append(TrainConfig.model_validate(data))
+        return configs
+
+
+def experiment_name(config: SweepConfig, configs: list[TrainConfig]) -> str:
+    """Same sweep -> same name, so re-running it finds (and restores) the interrupted experiment."""
+    return f"{config.name}-{short_hash([c.model_dump(mode='json') for c in configs])}"
+
+
+def label(config: TrainConfig, several_backbones: bool) -> str:
+    head = f"{backbone_id_of(config.backbone.model)}:" if several_backbones else ""
+    return f"{head}{config.task}/s{config.seed}"
+
+
+def run_sweep(config: SweepConfig) -> dict[str, Any]:
+    """Run (or resume) the sweep; returns {"rows": [...], "table": markdown, "paths": {...}}."""
+    from tpv.store import VectorStore
+
+    loc = config.locations.resolved()
+    store = VectorStore(loc.store)
+    configs = config.train_configs()
+    several = len(config.backbones) > 1
+    experiment = experiment_name(config, configs)
+    rows: list[dict[str, Any]] = []
+    pending: list[TrainConfig] = []
+    for cfg in configs:
+        have = stored_pairs(store, backbone_id_of(cfg.backbone.model), cfg.task, cfg.seed, cfg.prompt_length)
+        if have and not config.force:
+            rows.append(_stored_row(cfg, have[0], several, "in store"))
+        else:
+            pending.append(cfg)
+    print(f"[sweep] {len(configs)} (task, seed) pairs: {len(configs) - len(pending)} already in the store "
+          f"{loc.store}, {len(pending)} to train", flush=True)
+    if pending:
+        init_ray()
+        fault = config.fault_injection
+        specs = [
+            TrialSpec(
+                label=label(cfg, several), train=cfg, output_store=loc.store, skip_if_stored=not config.force,
+                source_tag=f"tpv sweep {experiment}", cpus=config.resources.cpus_per_trial,
+                crash_marker=fault.marker if fault and (fault.task, fault.seed) == (cfg.task, cfg.seed) else None,
+            )
+            for cfg in pending
+        ]
+        outcomes = run_grid(
+            specs, experiment=experiment, storage_path=loc.storage_path, cpus=config.resources.cpus_per_trial,
+            gpus=config.resources.gpus_per_trial, max_failures=config.max_failures,
+            max_concurrent=config.resources.max_concurrent, restore=not config.fresh, verbose=config.verbose,
+            job="sweep",
+        )
+        rows += [_outcome_row(o, several) for o in outcomes]
+    order = {(label(c, several)): i for i, c in enumerate(configs)}
+    rows.sort(key=lambda r: order.get(r["pair"], math.inf))
+    out = Path(loc.out_dir) / config.name
+    table = markdown_table(rows, COLUMNS)
+    paths = {
+        "table_md": str(write_text(out / "sweep.md", f"# Sweep `{config.name}`\n\nstore: `{loc.store}`\n\n{table}\n")),
+        "table_csv": str(write_text(out / "sweep.csv", csv_text(rows, COLUMNS))),
+    }
+    failed = [r for r in rows if r["status"] == "failed"]
+    return {"rows": rows, "table": table, "paths": paths, "failed": len(failed), "experiment": experiment,
+            "store": loc.store, "storage_path": loc.storage_path}
+
+
+COLUMNS = ["pair", "status", "metric", "val", "test", "best_step", "steps", "seconds", "vector_id"]
+
+
+def _int(value: Any) -> int | None:
+    return None if value is None or (isinstance(value, float) and math.isnan(value)) else int(round(value))
+
+
+def _stored_row(cfg: TrainConfig, meta, several: bool, status: str) -> dict[str, Any]:
+    from tpv.tasks import get_task
+
+    metric = get_task(cfg.task).metric
+    return {"pair": label(cfg, several), "status": status, "metric": metric,
+            "val": meta.metrics.get(metric), "best_step": _int(meta.metrics.get("best_step")),
+            "vector_id": meta.vector_id}
+
+
+def _outcome_row(outcome: GridOutcome, several: bool) -> dict[str, Any]:
+    from tpv.tasks import get_task
+
+    cfg, m = outcome.spec.train, outcome.metrics
+    status = "failed" if outcome.error else "in store" if m.get("skipped") else "trained"
+    if m.get("resumed_from") and status == "trained":
+        status = f"trained (resumed at step {int(m['resumed_from'])})"
+    return {"pair": label(cfg, several), "status": status, "metric": get_task(cfg.task).metric,
+            "val": m.get("val_metric"), "test": m.get("test_metric"), "best_step": _int(m.get("val_best_step")),
+            "steps": _int(m.get("steps")), "seconds": _int(m.get("seconds")), "vector_id": m.get("vector_id") or outcome.error}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="tpv sweep",
+        description="Prompt-tune every task x origin seed with Ray Tune and write the task prompt vectors to the "
+                    "store. Pairs already stored are skipped; an interrupted sweep resumes from its checkpoints.",
+        epilog="Examples:\n  tpv sweep --tasks rotten_tomatoes tweets trec sms_spam --seeds 0 1\n"
+               "  tpv sweep --config sweep.yaml --budget paper --gpus-per-trial 0.25\n"
+               "  RAY_ADDRESS=auto tpv sweep --config sweep.yaml --store /mnt/shared/tpv/store\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--config", help="YAML file with SweepConfig fields (tasks, seeds, backbones, budget, train, "
+                   "resources, ...); command-line flags override it")
+    p.add_argument("--name", help="sweep name (folder of its tables; with a hash, the Tune experiment name)")
+    p.add_argument("--tasks", nargs="+", help="task names (see `tpv tasks list`)")
+    p.add_argument("--seeds", nargs="+", type=int, help="origin seeds (default 0 1)")
+    p.add_argument("--backbones", nargs="+", help=f"bundled names or local model folders (default {DEFAULT_BACKBONE})")
+    p.add_argument("--budget", choices=["cpu_demo", "paper"], help="training budget preset (default cpu_demo)")
+    p.add_argument("--set", nargs="+", metavar="KEY=VALUE", help="TrainConfig overrides, e.g. max_steps=200 "
+                   "prompt_length=20 backbone.max_source_tokens=128")
+    p.add_argument("--cpus-per-trial", type=float, help="CPUs per trial (default 1)")
+    p.add_argument("--gpus-per-trial", type=float, help="GPU (fraction) per trial, e.g. 0.25 (default 0)")
+    p.add_argument("--max-concurrent", type=int, help="at most this many trials at once")
+    p.add_argument("--max-failures", type=int, help="retries of a dead trial from its checkpoint (default 2)")
+    p.add_argument("--force", action="store_true", help="train pairs that the store already has")
+    p.add_argument("--fresh", action="store_true", help="do not resume an interrupted experiment of this sweep")
+    p.add_argument("--verbose", type=int, help="Ray Tune console verbosity 0-3 (default 0: tpv's progress lines)")
+    add_location_args(p)
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> SweepConfig:
+    data = load_yaml_config(args.config)
+    for key in ("name", "tasks", "seeds", "backbones", "budget", "max_failures", "verbose"):
+        if getattr(args, key, None) is not None:
+            data[key] = getattr(args, key)
+    if args.set:
+        data["train"] = deep_merge(data.get("train", {}), parse_overrides(args.set))
+    resources = dict(data.get("resources", {}))
+    for key, attr in (("cpus_per_trial", "cpus_per_trial"), ("gpus_per_trial", "gpus_per_trial"),
+                      ("max_concurrent", "max_concurrent")):
+        if getattr(args, attr, None) is not None:
+            resources[key] = getattr(args, attr)
+    data["resources"] = resources
+    data["force"] = args.force or data.get("force", False)
+    data["fresh"] = args.fresh or data.get("fresh", False)
+    if "tasks" not in data:
+        raise SystemExit("tpv sweep: give --tasks or a --config file with tasks")
+    config = SweepConfig.model_validate(data)
+    config.locations = locations_from_args(args, config.locations)
+    return config
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    config = config_from_args(args)
+    init_ray(args.address, args.num_cpus) if (args.address or args.num_cpus) else None
+    outcome = run_sweep(config)
+    print()
+    print(outcome["table"])
+    print(f"\nvectors: {outcome['store']}\ntables:  {outcome['paths']['table_md']}\n"
+          f"         {outcome['paths']['table_csv']}\nTune:    {outcome['storage_path']}/{outcome['experiment']}")
+    if outcome["failed"]:
+        print(f"{outcome['failed']} trial(s) failed; run the same command again to retry them from their "
+              "checkpoints", flush=True)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
