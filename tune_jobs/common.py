@@ -36,7 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray.tune import Callback
 
 from tpv.backbone import Backbone, BackboneConfig
-from tpv.paths import tpv_home
+from tpv.paths import default_store, tpv_home
 from tpv.train import TrainConfig
 
 #: environment variables a worker needs to see the driver's data, models and store
@@ -45,11 +45,6 @@ WORKER_ENV = ("TPV_HOME", "TPV_ARCHIVE_DIR", "TPV_STORE", "TPV_RAY_RESULTS", "HF
 
 
 # ------------------------------------------------------------------------------------------------- locations
-
-def default_store() -> str:
-    """`$TPV_STORE`, else `<TPV_HOME>/store`."""
-    return os.environ.get("TPV_STORE") or str(tpv_home() / "store")
-
 
 def _is_uri(location: str) -> bool:
     return "://" in location
@@ -99,6 +94,15 @@ def add_location_args(parser) -> None:
     parser.add_argument("--out", help="folder for tables and plots (default <TPV_HOME>/reports)")
     parser.add_argument("--address", help="Ray cluster address (default $RAY_ADDRESS; unset: start a local Ray)")
     parser.add_argument("--num-cpus", type=int, help="CPUs of the local Ray (default: all); ignored on a cluster")
+
+
+def resources_from_args(args, data: dict[str, Any]) -> dict[str, Any]:
+    """The `resources` section of a job config with --cpus-per-trial/--gpus-per-trial/--max-concurrent applied."""
+    resources = dict(data.get("resources", {}))
+    for key in ("cpus_per_trial", "gpus_per_trial", "max_concurrent"):
+        if getattr(args, key, None) is not None:
+            resources[key] = getattr(args, key)
+    return resources
 
 
 def locations_from_args(args, base: Locations | None = None) -> Locations:

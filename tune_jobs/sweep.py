@@ -33,6 +33,7 @@ from tune_jobs.common import (
     init_ray,
     load_yaml_config,
     locations_from_args,
+    resources_from_args,
     markdown_table,
     parse_overrides,
     run_grid,
@@ -232,12 +233,7 @@ def config_from_args(args: argparse.Namespace) -> SweepConfig:
             data[key] = getattr(args, key)
     if args.set:
         data["train"] = deep_merge(data.get("train", {}), parse_overrides(args.set))
-    resources = dict(data.get("resources", {}))
-    for key, attr in (("cpus_per_trial", "cpus_per_trial"), ("gpus_per_trial", "gpus_per_trial"),
-                      ("max_concurrent", "max_concurrent")):
-        if getattr(args, attr, None) is not None:
-            resources[key] = getattr(args, attr)
-    data["resources"] = resources
+    data["resources"] = resources_from_args(args, data)
     data["force"] = args.force or data.get("force", False)
     data["fresh"] = args.fresh or data.get("fresh", False)
     if "tasks" not in data:

@@ -42,6 +42,7 @@ from tune_jobs.common import (
     init_ray,
     load_yaml_config,
     locations_from_args,
+    resources_from_args,
     markdown_table,
     mean_std,
     parse_overrides,
@@ -366,11 +367,7 @@ def config_from_args(args: argparse.Namespace) -> TransferConfig:
         data["targets"] = parse_targets(args.targets)
     if args.set:
         data["train"] = deep_merge(data.get("train", {}), parse_overrides(args.set))
-    resources = dict(data.get("resources", {}))
-    for key in ("cpus_per_trial", "gpus_per_trial", "max_concurrent"):
-        if getattr(args, key, None) is not None:
-            resources[key] = getattr(args, key)
-    data["resources"] = resources
+    data["resources"] = resources_from_args(args, data)
     data["fresh"] = args.fresh or data.get("fresh", False)
     config = TransferConfig.model_validate(data)
     config.locations = locations_from_args(args, config.locations)

@@ -38,6 +38,7 @@ from tune_jobs.common import (
     load_backbone,
     load_yaml_config,
     locations_from_args,
+    resources_from_args,
     markdown_table,
     set_threads,
     short_hash,
@@ -388,11 +389,7 @@ def config_from_args(args: argparse.Namespace) -> WeightSearchConfig:
         data["asha"] = True
     if args.no_save:
         data["save"] = False
-    resources = dict(data.get("resources", {}))
-    for key in ("cpus_per_trial", "gpus_per_trial", "max_concurrent"):
-        if getattr(args, key, None) is not None:
-            resources[key] = getattr(args, key)
-    data["resources"] = resources
+    data["resources"] = resources_from_args(args, data)
     if "target" not in data or "sources" not in data:
         raise SystemExit("tpv search-weights: give --target and --sources (or a --config file with them)")
     config = WeightSearchConfig.model_validate(data)
