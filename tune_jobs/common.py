@@ -430,6 +430,15 @@ def fmt(value: Any, digits: int = 3) -> str:
     return "" if value is None else str(value)
 
 
+def print_result(result: dict[str, Any]) -> None:
+    """A job's markdown table and where its files are, at the end of a command."""
+    print()
+    print(result["markdown"])
+    width = max(map(len, result["paths"]), default=0)
+    for key, path in result["paths"].items():
+        print(f"{key:>{width}}: {path}")
+
+
 def markdown_table(rows: Iterable[dict[str, Any]], columns: Sequence[str], digits: int = 3) -> str:
     rows = list(rows)
     lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]

@@ -44,6 +44,7 @@ from tune_jobs.common import (
     locations_from_args,
     resources_from_args,
     markdown_table,
+    print_result,
     mean_std,
     parse_overrides,
     pm,
@@ -380,10 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.address or args.num_cpus:
         init_ray(args.address, args.num_cpus)
     result = run_transfer(config)
-    print()
-    print(result["markdown"])
-    for key, path in result["paths"].items():
-        print(f"{key:>16}: {path}")
+    print_result(result)
     return 1 if result["failed"] else 0
 
 

@@ -40,6 +40,7 @@ from tune_jobs.common import (
     locations_from_args,
     resources_from_args,
     markdown_table,
+    print_result,
     set_threads,
     short_hash,
     write_text,
@@ -403,10 +404,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.address or args.num_cpus:
         init_ray(args.address, args.num_cpus)
     result = run_search(config)
-    print()
-    print(result["markdown"])
-    for key, path in result["paths"].items():
-        print(f"{key:>10}: {path}")
+    print_result(result)
     return 0
 
 
