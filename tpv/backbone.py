@@ -79,7 +79,7 @@ def _pick_dtype(requested: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def _backbone_id(name_or_path: str) -> str:
+def backbone_id_for(name_or_path: str) -> str:
     """A store-safe name: the bundled name, or the folder's base name lower-cased."""
     if name_or_path in BUNDLED:
         return name_or_path
@@ -94,7 +94,7 @@ class Backbone:
         self.model = model.eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.config = config
-        self.backbone_id = _backbone_id(config.model)
+        self.backbone_id = backbone_id_for(config.model)
         self.is_seq2seq = bool(model.config.is_encoder_decoder)
         self.hidden_size = int(model.get_input_embeddings().weight.shape[1])
         self.vocab_size = int(model.get_input_embeddings().weight.shape[0])

@@ -131,10 +131,11 @@ class TrainResult(BaseModel):
     steps: int
     seconds: float
 
-    def vector(self, backbone_id: str) -> TaskPromptVector:
+    def vector(self, backbone_id: str, **meta_fields: Any) -> TaskPromptVector:
+        """tau = tuned - origin with the run's config and metrics; extra VectorMeta fields (source, notes) pass through."""
         return TaskPromptVector.from_prompts(
             self.tuned, self.origin, task=self.config.task, backbone_id=backbone_id, origin_seed=self.config.seed,
-            train_config=self.config.model_dump(mode="json"), metrics=self.metrics,
+            train_config=self.config.model_dump(mode="json"), metrics=self.metrics, **meta_fields,
         )
 
 

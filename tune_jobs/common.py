@@ -35,7 +35,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 from ray.tune import Callback
 
-from tpv.backbone import Backbone, BackboneConfig
+from tpv.backbone import Backbone, BackboneConfig, backbone_id_for
 from tpv.paths import default_store, tpv_home
 from tpv.train import TrainConfig
 
@@ -135,13 +135,6 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, log_to_dri
 
 # ------------------------------------------------------------------------------------------------- the trial
 
-def backbone_id_of(model: str) -> str:
-    """The store name of a backbone without loading it (tpv.backbone's own rule)."""
-    from tpv.backbone import _backbone_id  # one rule for ids; see the report for making it public
-
-    return _backbone_id(model)
-
-
 class TrialSpec(BaseModel):
     """One trial: a TrainConfig plus where it reads source vectors and writes its own, and what it reports."""
 
@@ -234,7 +227,7 @@ def train_trial(config: dict[str, Any]) -> None:
     set_threads(spec.cpus)
     cfg = spec.train
     metric_name = get_task(cfg.task).metric
-    bb_id = backbone_id_of(cfg.backbone.model)
+    bb_id = backbone_id_for(cfg.backbone.model)
     out = VectorStore(spec.output_store) if spec.output_store else None
     if out is not None and spec.skip_if_stored:
         existing = stored_pairs(out, bb_id, cfg.task, cfg.seed, cfg.prompt_length)
@@ -250,7 +243,7 @@ def train_trial(config: dict[str, Any]) -> None:
         origin = make_origin(backbone, prompt_length_for(cfg, backbone), cfg.seed)
         prompt = initial_prompt(cfg, backbone, origin, source)
         final = {"done": 1.0, "steps": 0.0, "seconds": time.perf_counter() - started}
-        final |= _test_metrics(backbone, prompt.to(backbone.device), cfg.task, spec.test_examples)
+        final |= _test_metrics(backbone, prompt, cfg.task, spec.test_examples)
         tune.report(final)
         return
 
@@ -277,13 +270,9 @@ def train_trial(config: dict[str, Any]) -> None:
              "val_metric": float(result.metrics.get(metric_name, math.nan)),
              **{f"val_{k}": v for k, v in numeric(result.metrics).items()}}
     if spec.test_split:
-        final |= _test_metrics(backbone, result.tuned.to(backbone.device), cfg.task, spec.test_examples)
+        final |= _test_metrics(backbone, result.tuned, cfg.task, spec.test_examples)
     if out is not None:
-        vector = result.vector(backbone.backbone_id)
-        if spec.source_tag:
-            from tpv.vectors import TaskPromptVector
-
-            vector = TaskPromptVector(vector.tensor, vector.meta.model_copy(update={"source": spec.source_tag}))
+        vector = result.vector(backbone.backbone_id, source=spec.source_tag)
         final["vector_id"] = out.put(vector)
         out.put_origin(backbone.backbone_id, result.origin.shape[0], cfg.seed, result.origin)
     tune.report(final)

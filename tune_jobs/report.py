@@ -204,14 +204,13 @@ def cross_origin_report(store_uri: str, out_dir: str | Path, backbone_model: str
     """Own-origin vs other-origin test metric per task (the paper's Table 1 shape), one Ray task per task."""
     import ray
 
-    from tpv.backbone import BackboneConfig
+    from tpv.backbone import BackboneConfig, backbone_id_for
     from tpv.bundled import DEFAULT_BACKBONE
     from tpv.store import VectorStore
-    from tune_jobs.common import backbone_id_of
 
     store = VectorStore(store_uri)
     model = backbone_model or DEFAULT_BACKBONE
-    metas, _ = select_vectors(store, backbone_id_of(model), tasks, seeds)
+    metas, _ = select_vectors(store, backbone_id_for(model), tasks, seeds)
     by_task: dict[str, list] = {}
     for m in metas:
         by_task.setdefault(m.task, []).append(m)
@@ -273,9 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     loc = locations_from_args(args)
-    from tune_jobs.common import backbone_id_of
+    from tpv.backbone import backbone_id_for
 
-    bb_id = backbone_id_of(args.backbone) if args.backbone else None
+    bb_id = backbone_id_for(args.backbone) if args.backbone else None
     result = similarity_report(loc.store, loc.out_dir, bb_id, args.tasks, args.seeds, args.name)
     print(result["markdown"])
     for key, path in result["paths"].items():

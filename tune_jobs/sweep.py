@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from tpv.backbone import backbone_id_for
 from tpv.bundled import DEFAULT_BACKBONE
 from tpv.train import TrainConfig
 from tune_jobs.common import (
@@ -27,7 +28,6 @@ from tune_jobs.common import (
     Locations,
     TrialSpec,
     add_location_args,
-    backbone_id_of,
     csv_text,
     deep_merge,
     init_ray,
@@ -114,7 +114,7 @@ def experiment_name(config: SweepConfig, configs: list[TrainConfig]) -> str:
 
 
 def label(config: TrainConfig, several_backbones: bool) -> str:
-    head = f"{backbone_id_of(config.backbone.model)}:" if several_backbones else ""
+    head = f"{backbone_id_for(config.backbone.model)}:" if several_backbones else ""
     return f"{head}{config.task}/s{config.seed}"
 
 
@@ -130,7 +130,7 @@ def run_sweep(config: SweepConfig) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     pending: list[TrainConfig] = []
     for cfg in configs:
-        have = stored_pairs(store, backbone_id_of(cfg.backbone.model), cfg.task, cfg.seed, cfg.prompt_length)
+        have = stored_pairs(store, backbone_id_for(cfg.backbone.model), cfg.task, cfg.seed, cfg.prompt_length)
         if have and not config.force:
             rows.append(_stored_row(cfg, have[0], several, "in store"))
         else:

@@ -32,11 +32,11 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from tpv.bundled import DEFAULT_BACKBONE
 from tpv.train import InitSpec, TrainConfig
+from tpv.backbone import backbone_id_for
 from tune_jobs.common import (
     Locations,
     TrialSpec,
     add_location_args,
-    backbone_id_of,
     csv_text,
     deep_merge,
     init_ray,
@@ -164,7 +164,7 @@ def run_transfer(config: TransferConfig) -> dict[str, Any]:
 
     loc = config.locations.resolved()
     store = VectorStore(loc.store)
-    bb_id = backbone_id_of(config.backbone)
+    bb_id = backbone_id_for(config.backbone)
     length = source_prompt_length(store, bb_id, config)
     check_sources(store, bb_id, config, length)
     key = short_hash(config.model_dump(mode="json", exclude={"locations", "fresh", "verbose", "resources",

@@ -27,12 +27,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from tpv.backbone import BackboneConfig
+from tpv.backbone import BackboneConfig, backbone_id_for
 from tpv.bundled import DEFAULT_BACKBONE
 from tune_jobs.common import (
     Locations,
     add_location_args,
-    backbone_id_of,
     csv_text,
     init_ray,
     load_backbone,
@@ -139,7 +138,7 @@ def score(spec: ObjectiveSpec, weights: list[float], coefficient: float, report=
     if spec.objective == "zero_shot":
         prompt = Composer(store, lambda length, seed: make_origin(backbone, length, seed)).compose(comp)
         dev = load_split(spec.target, "validation", limit=spec.eval_examples, seed=0)
-        metrics = evaluate(backbone, prompt.to(backbone.device), task, dev)
+        metrics = evaluate(backbone, prompt, task, dev)
     else:
         init = InitSpec(kind="composition", composition=comp.model_dump(
             mode="json", include={"terms", "method", "coefficient", "params"}))
@@ -214,7 +213,7 @@ def run_search(config: WeightSearchConfig) -> dict[str, Any]:
 
     loc = config.locations.resolved()
     store = VectorStore(loc.store)
-    bb_id = backbone_id_of(config.backbone)
+    bb_id = backbone_id_for(config.backbone)
     terms, length, trained = resolve_terms(store, bb_id, config.sources)
     max_tokens = config.max_source_tokens or trained.get("max_source_tokens")
     backbone = BackboneConfig(model=config.backbone, **({"max_source_tokens": max_tokens} if max_tokens else {}))
