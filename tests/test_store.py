@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tpv.names import InvalidName
 from tpv.store import (
     CorruptVector,
     NotFound,
@@ -167,14 +168,14 @@ def test_a_pickle_in_place_of_a_tensor_is_never_unpickled(tmp_path, monkeypatch)
     "field, value",
     [("task", "../evil"), ("task", "a/b"), ("task", ".."), ("task", ".hidden"), ("task", "x" * 129),
      ("backbone_id", "x/../y"), ("backbone_id", "/abs"), ("vector_id", "../../etc"), ("vector_id", "a\\b"),
-     ("task", "a..b"), ("task", "sp ace"), ("task", "nul\x00")],
+     ("task", "a..b"), ("task", "sp ace"), ("task", "nul\x00"), ("task", "task\n")],
 )
 def test_path_traversal_names_are_refused(tmp_path, field, value):
     store = VectorStore(tmp_path / "store")
     kw = {"task": "sst2", "backbone": BB, "vector_id": None}
     kw["backbone" if field == "backbone_id" else field] = value
     v = _vec(0, task=kw["task"], backbone=kw["backbone"], vector_id=kw["vector_id"])
-    with pytest.raises(StoreError, match="invalid"):
+    with pytest.raises(InvalidName, match="invalid"):
         store.put(v)
     assert not (tmp_path / "store").exists() or not any((tmp_path / "store").rglob("*"))
     assert not (tmp_path / "evil").exists()
@@ -188,7 +189,7 @@ def test_bad_names_on_read_paths(tmp_path):
         lambda: store.put_composition(BB, "a/b", {}), lambda: store.get_origin("../b", 5, 0),
         lambda: store.list_compositions("/etc"),
     ):
-        with pytest.raises(StoreError):
+        with pytest.raises(InvalidName):
             call()
 
 

@@ -258,7 +258,20 @@ class Backbone:
 
     @torch.no_grad()
     def score_labels(self, prompt: Prompt, sources: list[str], labels: list[str]) -> Tensor:
-        """Summed log-likelihood of each label string after each source: [B, C] (rank classification).
+        """Summed log-likelihood of each label string after each source: [B, C] on the CPU (rank classification)."""
+        return self.label_scores(prompt, sources, labels).cpu()
+
+    def label_loss(self, prompt: Prompt, sources: list[str], labels: list[str], gold: list[int]) -> Tensor:
+        """Cross-entropy over the task's label set only (training as rank classification is evaluated).
+
+        Unlike `loss`, nothing here rewards emitting label-shaped words or EOS in general: that part of the LM
+        loss is the same for every task, and at a random origin it is what moves a prompt most.
+        """
+        scores = self.label_scores(prompt, sources, labels)
+        return torch.nn.functional.cross_entropy(scores, torch.tensor(gold, dtype=torch.long, device=scores.device))
+
+    def label_scores(self, prompt: Prompt, sources: list[str], labels: list[str]) -> Tensor:
+        """`score_labels` with gradients, on the backbone's device.
 
         When every label is one token (the common case on causal models) one forward of B rows gives all C
         scores from the last source position; otherwise each (source, label) pair is a row.
@@ -274,13 +287,13 @@ class Backbone:
             hidden = self._input_hidden(prompt, ids, mask)
             last = torch.tensor([len(s) - 1 for s in source_ids], device=self.device)
             logp = self._logprobs_at(hidden[torch.arange(rows, device=self.device), last])
-            return logp[:, torch.tensor([t[0] for t in label_ids], device=self.device)].cpu()
+            return logp[:, torch.tensor([t[0] for t in label_ids], device=self.device)]
         expanded = self._repeat_rows(prompt, rows, n_labels)
         logp, row_of = self._target_logprobs(
             expanded, [s for s in sources for _ in labels], [t for _ in sources for t in label_ids]
         )
-        scores = torch.zeros(rows * n_labels, device=self.device).index_add_(0, row_of, logp)
-        return scores.view(rows, n_labels).cpu()
+        scores = torch.zeros(rows * n_labels, device=self.device, dtype=logp.dtype).index_add(0, row_of, logp)
+        return scores.view(rows, n_labels)
 
     def _check_rows(self, prompt: Prompt, rows: int) -> None:
         """Fail before any work when a batch brings neither one prompt nor one per row."""

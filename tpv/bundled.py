@@ -18,6 +18,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
+from tpv.errors import Unavailable
 from tpv.paths import models_dir
 
 
@@ -51,7 +52,7 @@ BUNDLED: dict[str, BundledModel] = {
 DEFAULT_BACKBONE = "smollm2-135m-instruct"
 
 
-class BackboneNotFound(FileNotFoundError):
+class BackboneNotFound(Unavailable, FileNotFoundError):
     """Neither a bundled name nor a local model folder."""
 
 

@@ -1,8 +1,20 @@
-"""Composition: a pydantic spec (which vectors, which weights, which origin) -> a prompt tensor [L, d].
+"""Composition: which stored vectors, merged how, applied to which origin -> a prompt tensor [L, d].
 
-prompt = origin(L, seed) + merge(method, taus, weights, coefficient, **params). The spec is what a client sends
-and what a named composition stores, so it is validated up front (names, weights, method, parameters) before any
-file is read. Results are cached by the spec's canonical JSON, so repeated requests cost one dict lookup + clone.
+prompt = origin(L, seed) + merge(method, taus, weights, coefficient, **params). This module owns the contract every
+consumer (CLI, Tune jobs, server) uses, so there is one of each:
+
+- `CompositionBody`: what a client names (terms, method, coefficient, params); `CompositionSpec` adds where it is
+  applied (backbone, origin seed, prompt length). The HTTP schemas reuse these classes.
+- The task-term rule (`task_vectors`): a term `{"task": t}` means the **seed-mean of t's task vectors**: vectors of
+  kind "task" only (never stored compositions), of the spec's prompt length, optionally narrowed to some origin
+  `seeds` and to one `source` (the job that wrote them, e.g. "tpv sweep demo-sweep"). At most one vector per origin
+  seed may match: two vectors of one (task, seed) are two different trainings, and averaging them silently would
+  mix recipes, so that is an error asking for a `source` or a `vector_id`.
+- The weight bound `MAX_WEIGHT` and the prompt-length rule (`prompt_length_of`): a composition's L is the one
+  shared by the vectors it names.
+
+Specs are validated up front (names, weights, method, parameters) before any file is read, and results are cached
+by the spec's canonical JSON, so repeated requests cost one dict lookup + clone.
 """
 
 from __future__ import annotations
@@ -17,10 +29,16 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from tpv.errors import InvalidInput
 from tpv.merge import MergeError, check_inputs, get_method, merge, parse_params
-from tpv.store import StoreError, UnknownVector, VectorStore, validate_name
+from tpv.names import Name
+from tpv.store import UnknownVector, VectorStore
+from tpv.vectors import VectorMeta
 
-__all__ = ["CacheInfo", "CompositionError", "CompositionSpec", "CompositionTerm", "Composer", "UnknownVector"]
+__all__ = [
+    "CacheInfo", "CompositionBody", "CompositionError", "CompositionSpec", "CompositionTerm", "Composer",
+    "MAX_TERMS", "MAX_WEIGHT", "UnknownVector", "prompt_length_of", "task_vectors",
+]
 
 MAX_TERMS = 32
 MAX_WEIGHT = 100.0
@@ -28,58 +46,45 @@ MAX_WEIGHT = 100.0
 OriginFn = Callable[[int, int], torch.Tensor]
 
 
-class CompositionError(ValueError):
+class CompositionError(InvalidInput):
     """A spec that is valid on its own but cannot be built from this store/backbone (mismatched shapes...)."""
 
 
-def _name(value: str | None, what: str) -> str | None:
-    if value is None:
-        return None
-    try:
-        return validate_name(value, what)
-    except StoreError as exc:  # pydantic only turns ValueError into a validation error
-        raise ValueError(str(exc)) from None
-
-
 class CompositionTerm(BaseModel):
-    """One input: a stored vector by id, or a task (the mean of that task's stored vectors)."""
+    """One input: a stored vector by id, or a task (the seed-mean of its task vectors, see the module doc)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
-    task: str | None = None
-    vector_id: str | None = None
+    task: Name | None = None
+    vector_id: Name | None = None
+    seeds: list[int] | None = Field(
+        None, min_length=1, max_length=64, description="task terms: only vectors of these origin seeds"
+    )
+    source: str | None = Field(
+        None, min_length=1, max_length=200, description="task terms: only vectors this job wrote (VectorMeta.source)"
+    )
     weight: float = Field(1.0, ge=-MAX_WEIGHT, le=MAX_WEIGHT)
-
-    @field_validator("task", "vector_id")
-    @classmethod
-    def _valid_name(cls, value: str | None, info: ValidationInfo) -> str | None:
-        return _name(value, info.field_name or "name")
 
     @model_validator(mode="after")
     def _exactly_one(self) -> CompositionTerm:
         if (self.task is None) == (self.vector_id is None):
             raise ValueError("a term names exactly one of 'task' or 'vector_id'")
+        if self.vector_id is not None and (self.seeds is not None or self.source is not None):
+            raise ValueError("'seeds' and 'source' narrow task terms; a vector_id term names one vector already")
         return self
 
 
-class CompositionSpec(BaseModel):
-    """A composition request. `params` are the merge method's own parameters (normalised to their full set,
-    defaults included, so equivalent specs share one cache key); `coefficient` scales the merged delta."""
+class CompositionBody(BaseModel):
+    """What a composition is made of, independent of where it is applied. `params` are the merge method's own
+    parameters (normalised to their full set, defaults included, so equivalent specs share one cache key);
+    `coefficient` scales the merged delta."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
-    backbone_id: str
     terms: list[CompositionTerm] = Field(min_length=1, max_length=MAX_TERMS)
-    origin_seed: int = Field(ge=0)
-    prompt_length: int = Field(gt=0)
     method: str = "weighted"
     coefficient: float = Field(1.0, ge=-MAX_WEIGHT, le=MAX_WEIGHT)
     params: dict[str, Any] = Field(default_factory=dict, validate_default=True)
-
-    @field_validator("backbone_id")
-    @classmethod
-    def _valid_backbone(cls, value: str) -> str:
-        return _name(value, "backbone_id")  # type: ignore[return-value]
 
     @field_validator("method")
     @classmethod
@@ -98,9 +103,23 @@ class CompositionSpec(BaseModel):
         return parse_params(method, value).model_dump(exclude={"coefficient"})
 
     @model_validator(mode="after")
-    def _inputs_fit_method(self) -> CompositionSpec:
+    def _inputs_fit_method(self) -> CompositionBody:
         check_inputs(self.method, len(self.terms), [t.weight for t in self.terms])
         return self
+
+    def applied(self, backbone_id: str, origin_seed: int, prompt_length: int) -> CompositionSpec:
+        """This body on one backbone, origin and prompt length."""
+        return CompositionSpec(
+            **self.model_dump(), backbone_id=backbone_id, origin_seed=origin_seed, prompt_length=prompt_length
+        )
+
+
+class CompositionSpec(CompositionBody):
+    """A body applied: the origin (backbone, seed, prompt length) the merged delta is added to."""
+
+    backbone_id: Name
+    origin_seed: int = Field(ge=0)
+    prompt_length: int = Field(gt=0)
 
     def canonical(self) -> str:
         """Sorted-key compact JSON; terms are sorted too when the method is order-independent."""
@@ -108,6 +127,66 @@ class CompositionSpec(BaseModel):
         if get_method(self.method).commutative:
             data["terms"] = sorted(data["terms"], key=lambda t: json.dumps(t, sort_keys=True))
         return json.dumps(data, sort_keys=True, separators=(",", ":"))
+
+
+def task_vectors(
+    store: VectorStore, backbone_id: str, task: str, prompt_length: int | None = None,
+    seeds: list[int] | None = None, source: str | None = None,
+) -> list[VectorMeta]:
+    """The vectors a task term means (the rule in the module doc), one per origin seed, sorted by seed.
+
+    `prompt_length=None` accepts any length as long as all matches share one. Raises UnknownVector when nothing
+    matches and CompositionError when the match is ambiguous (several vectors of one seed, or mixed lengths).
+    """
+    metas = [m for m in store.list(backbone_id, task=task, kind="task")
+             if (seeds is None or m.origin_seed in seeds) and (source is None or m.source == source)]
+    narrowed = " and ".join(x for x in (
+        f"seeds {seeds}" if seeds is not None else "", f"source {source!r}" if source is not None else "") if x)
+    if not metas:
+        raise UnknownVector(f"no task vectors for task {task!r} on backbone {backbone_id!r}"
+                            + (f" with {narrowed}" if narrowed else ""))
+    if prompt_length is not None:
+        fitting = [m for m in metas if m.prompt_length == prompt_length]
+        if not fitting:
+            lengths = sorted({m.prompt_length for m in metas})
+            raise CompositionError(f"task {task!r} has vectors of prompt_length {lengths}, none of {prompt_length}")
+        metas = fitting
+    lengths = sorted({m.prompt_length for m in metas})
+    if len(lengths) > 1:
+        raise CompositionError(f"task {task!r} has vectors of prompt lengths {lengths}; name one length")
+    by_seed: dict[int, list[VectorMeta]] = {}
+    for m in metas:
+        by_seed.setdefault(m.origin_seed, []).append(m)
+    clashes = {seed: sorted(m.source or "(no source)" for m in ms) for seed, ms in by_seed.items() if len(ms) > 1}
+    if clashes:
+        raise CompositionError(
+            f"task {task!r} has several vectors for one origin seed {clashes}: name a 'source' (the job that wrote "
+            "them) or a vector_id, so vectors of different trainings are never averaged by accident"
+        )
+    return [by_seed[seed][0] for seed in sorted(by_seed)]
+
+
+def _term_metas(store: VectorStore, backbone_id: str, term: CompositionTerm, prompt_length: int | None) -> list[VectorMeta]:
+    """The metadata of the stored vectors one term names (no tensors read)."""
+    if term.task is not None:
+        return task_vectors(store, backbone_id, term.task, prompt_length, term.seeds, term.source)
+    matches = [m for m in store.list(backbone_id) if m.vector_id == term.vector_id]
+    if not matches:
+        elsewhere = sorted({m.backbone_id for m in store.list() if m.vector_id == term.vector_id})
+        if elsewhere:
+            raise CompositionError(
+                f"backbone mismatch: vector {term.vector_id!r} belongs to {elsewhere}, the spec is for {backbone_id!r}"
+            )
+        raise UnknownVector(f"no vector {term.vector_id!r} for backbone {backbone_id!r}")
+    return matches
+
+
+def prompt_length_of(store: VectorStore, backbone_id: str, body: CompositionBody) -> int:
+    """The prompt length L a composition applies at: the one shared by every vector its terms name."""
+    lengths = sorted({m.prompt_length for t in body.terms for m in _term_metas(store, backbone_id, t, None)})
+    if len(lengths) != 1:
+        raise CompositionError(f"the terms name vectors of different prompt lengths {lengths}")
+    return lengths[0]
 
 
 class CacheInfo(BaseModel):
@@ -203,30 +282,8 @@ class Composer:
     # ---- building -----------------------------------------------------------------------------------------------
 
     def _resolve(self, spec: CompositionSpec, term: CompositionTerm) -> tuple[torch.Tensor, list[str]]:
-        bb = spec.backbone_id
-        if term.vector_id is not None:
-            try:
-                vectors = [self.store.get(term.vector_id, backbone_id=bb)]
-            except UnknownVector:
-                elsewhere = sorted({m.backbone_id for m in self.store.list() if m.vector_id == term.vector_id})
-                if elsewhere:
-                    raise CompositionError(
-                        f"backbone mismatch: vector {term.vector_id!r} belongs to {elsewhere}, the spec is for {bb!r}"
-                    ) from None
-                known = [m.vector_id for m in self.store.list(bb)]
-                raise UnknownVector(f"no vector {term.vector_id!r} for backbone {bb!r}; stored: {known}") from None
-        else:
-            metas = self.store.list(bb, task=term.task)
-            if not metas:
-                tasks = sorted({m.task for m in self.store.list(bb)})
-                raise UnknownVector(f"no vectors for task {term.task!r} on backbone {bb!r}; tasks stored: {tasks}")
-            fitting = [m for m in metas if m.prompt_length == spec.prompt_length]
-            if not fitting:
-                lengths = sorted({m.prompt_length for m in metas})
-                raise CompositionError(
-                    f"task {term.task!r} has vectors of prompt_length {lengths}, none of {spec.prompt_length}"
-                )
-            vectors = [self.store.get(m.vector_id, backbone_id=bb) for m in fitting]
+        metas = _term_metas(self.store, spec.backbone_id, term, spec.prompt_length)
+        vectors = [self.store.get(m.vector_id, backbone_id=spec.backbone_id) for m in metas]
         for v in vectors:
             if v.meta.prompt_length != spec.prompt_length:
                 raise CompositionError(

@@ -39,6 +39,7 @@ from pydantic import BaseModel, ConfigDict
 
 from tpv.paths import archives_dir
 from tpv.tasks import SPLITS, get_task, make_splits, task_data_dir
+from tpv.errors import Unavailable
 from tpv.tasks.builtin import TREC_FINE_LABELS
 from tpv.tasks.splits import Row
 
@@ -50,7 +51,7 @@ Files = dict[str, bytes]  # archive member path -> content
 Parsed = tuple[list[Row], list[Row] | None]  # (train pool, the source's own held-out set or None)
 
 
-class FetchError(RuntimeError):
+class FetchError(Unavailable):
     """An archive could not be obtained, failed its checksum, or does not hold what tpv expects."""
 
 

@@ -15,10 +15,11 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from tpv.errors import InvalidInput
 from tpv.vectors import TaskPromptVector
 
 
-class MergeError(ValueError):
+class MergeError(InvalidInput):
     """Unknown method, bad parameters, or inputs that cannot be merged."""
 
 

@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from tpv.backbone import Backbone
+from tpv.errors import InvalidInput
 from tpv.prompt import make_origin
 from tpv.vectors import TaskPromptVector
 
@@ -20,7 +21,7 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
-class PeftAdapterError(ValueError):
+class PeftAdapterError(InvalidInput):
     """A folder that is not a PEFT prompt-tuning adapter this backbone can use."""
 
 

@@ -19,7 +19,6 @@ import hashlib
 import json
 import pathlib
 import posixpath
-import re
 import uuid
 from typing import Any
 
@@ -28,6 +27,8 @@ import safetensors.torch as st
 import torch
 from pydantic import ValidationError
 
+from tpv.errors import ConflictError, CorruptData, NotFoundError, TpvError
+from tpv.names import InvalidName, validate_name
 from tpv.vectors import TaskPromptVector, VectorError, VectorMeta, make_vector_id, tensor_sha256
 
 __all__ = [
@@ -35,43 +36,29 @@ __all__ = [
     "validate_name",
 ]
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-MAX_NAME_LEN = 128
 _TMP_PREFIX = ".tmp-"
 _TENSOR_KEY = "tau"
 _ORIGIN_KEY = "origin"
 
 
-class StoreError(Exception):
-    """Base of every store failure (bad names included)."""
+class StoreError(TpvError):
+    """Base of every store failure."""
 
 
-class StoreConflict(StoreError):
+class StoreConflict(StoreError, ConflictError):
     """Something different is already stored under this name and overwrite was not asked for."""
 
 
-class CorruptVector(StoreError):
+class CorruptVector(StoreError, CorruptData):
     """A stored file fails its hash check or cannot be parsed."""
 
 
-class NotFound(StoreError, LookupError):
+class NotFound(StoreError, NotFoundError):
     """No stored object of that name."""
 
 
 class UnknownVector(NotFound):
     """No vector with that id (or no vectors for that task)."""
-
-
-def validate_name(name: object, what: str = "name") -> str:
-    """Names become path components: ASCII letters, digits, '.', '_', '-', no leading dot, no '..', <= 128."""
-    if not isinstance(name, str) or not name:
-        raise StoreError(f"{what} must be a non-empty string, got {name!r}")
-    if len(name) > MAX_NAME_LEN or not _NAME_RE.match(name) or ".." in name:
-        raise StoreError(
-            f"invalid {what} {name!r}: use letters, digits, '.', '_', '-' (no leading '.', no '..', "
-            f"no path separators, at most {MAX_NAME_LEN} characters)"
-        )
-    return name
 
 
 def _visible(base: str, suffix: str) -> str | None:
@@ -81,7 +68,7 @@ def _visible(base: str, suffix: str) -> str | None:
     stem = base[: len(base) - len(suffix)]
     try:
         return validate_name(stem)
-    except StoreError:
+    except InvalidName:
         return None
 
 

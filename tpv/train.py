@@ -69,6 +69,10 @@ class TrainConfig(BaseModel):
     eval_batch_size: int = Field(32, ge=1)
     patience: int | None = Field(None, ge=1, description="stop after this many evaluations without improvement")
     grad_clip: float = Field(1.0, gt=0)
+    loss: Literal["lm", "label"] = Field(
+        "lm", description="lm: token cross-entropy of the target text (the paper); label: cross-entropy over the "
+        "task's label set (classification only)",
+    )
     init: InitSpec = Field(default_factory=InitSpec)
     progress: bool = True
 
@@ -212,6 +216,8 @@ def train(
     started = time.perf_counter()
     backbone = backbone or Backbone.load(config.backbone)
     task = get_task(config.task)
+    if config.loss == "label" and not task.labels:
+        raise ValueError(f"loss 'label' needs a classification task; {config.task!r} has no label set")
     train_set = training_examples(config)
     dev_set = load_split(config.task, "validation", limit=config.eval_examples, seed=0)
     length = prompt_length_for(config, backbone)
@@ -254,7 +260,10 @@ def train(
     stopped = False
     for step in range(state.step + 1, total + 1):
         rows = [train_set[i] for i in next(batches)]
-        loss = backbone.loss(prompt(), [e.source for e in rows], [e.target for e in rows])
+        if config.loss == "label":
+            loss = backbone.label_loss(prompt(), [e.source for e in rows], task.labels, [int(e.label) for e in rows])
+        else:
+            loss = backbone.loss(prompt(), [e.source for e in rows], [e.target for e in rows])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(prompt.parameters(), config.grad_clip)

@@ -16,10 +16,12 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from tpv.errors import InvalidInput
+
 SimilarityMode = Literal["row_mean", "flat"]
 
 
-class VectorError(ValueError):
+class VectorError(InvalidInput):
     """A tensor or metadata that cannot form a valid task prompt vector, or vectors that cannot be combined."""
 
 

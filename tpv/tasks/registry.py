@@ -17,11 +17,12 @@ from pydantic import ValidationError
 from tpv.paths import data_dir, tpv_home
 from tpv.tasks.builtin import BUILTIN_TASKS
 from tpv.tasks.spec import SPLITS, Example, Split, TaskConfigError, TaskDataMissing, TaskSpec, config_error
+from tpv.errors import NotFoundError
 from tpv.tasks.splits import Row
 from tpv.tasks.user import datasets_cache, load_task_file, quiet_datasets, user_splits
 
 
-class UnknownTaskError(LookupError):
+class UnknownTaskError(NotFoundError):
     """No task of that name is registered."""
 
 

@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from tpv.errors import InvalidInput, Unavailable
 from tpv.metrics import CLASSIFICATION_METRICS
 
 Split = Literal["train", "validation", "test"]
@@ -16,11 +17,11 @@ MetricName = Literal["accuracy", "f1", "macro_f1", "pearson", "spearman"]
 DataFormat = Literal["csv", "jsonl", "json", "parquet", "hf_disk"]
 
 
-class TaskConfigError(ValueError):
+class TaskConfigError(InvalidInput):
     """A task definition or its data is unusable; the message names the offending field."""
 
 
-class TaskDataMissing(FileNotFoundError):
+class TaskDataMissing(Unavailable, FileNotFoundError):
     """A built-in task's prepared files are absent (``tpv data fetch`` has not run for it)."""
 
 
