@@ -19,27 +19,35 @@ CORPUS = [
 ] * 20
 
 
-def _tokenizer(eos: str, pad: str):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def _tokenizer(eos: str, pad: str, bos: str | None = None):
+    """With `bos`, every text starts with it (a template like Gemma's and Llama's), as PEFT's inputs then do."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=[pad, eos], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    specials = [pad, eos] + ([bos] if bos else [])
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(CORPUS, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos, pad_token=pad)
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.token_to_id(bos))]
+        )
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos, pad_token=pad, bos_token=bos)
 
 
-def build_tiny_causal(path: Path, seed: int = 0) -> Path:
+def build_tiny_causal(path: Path, seed: int = 0, bos: bool = False) -> Path:
+    """A tiny Llama; `bos=True` gives it a tokenizer that adds BOS to every text (like Gemma-3's)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    tokenizer = _tokenizer("<|endoftext|>", "<|pad|>")
+    tokenizer = _tokenizer("<|endoftext|>", "<|pad|>", "<|bos|>" if bos else None)
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+        tie_word_embeddings=True,
     )
     LlamaForCausalLM(config).save_pretrained(path)
     tokenizer.save_pretrained(path)

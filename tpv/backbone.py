@@ -5,6 +5,9 @@ rows each carry their own prompt. A prompt is either a tensor `[B|1, L, d]` (1 b
 `PromptPrefix`: for causal models the prompt comes first, so its attention keys/values depend on the prompt alone
 and can be computed once and reused across batches (evaluation, weight search, serving).
 
+Causal inputs are laid out as PEFT prompt tuning lays them out: `[virtual tokens] + tokenizer(text)`, so a tokenizer
+that starts every text with BOS (Gemma, Llama) gets its BOS right after the prompt; SmolLM2's adds none.
+
 Logits are computed only where a loss or a score needs them (the target positions), never over every position
 and the whole vocabulary: on a 49k-vocabulary model that is most of the step's cost.
 """
@@ -19,6 +22,11 @@ from pydantic import BaseModel, Field
 from torch import Tensor
 
 from tpv.bundled import BUNDLED, DEFAULT_BACKBONE, resolve_model_path
+from tpv.errors import InvalidInput
+
+
+class BackboneInputError(InvalidInput):
+    """Prompts, prefixes, sources or labels a backbone cannot run."""
 
 
 class BackboneConfig(BaseModel):
@@ -33,10 +41,15 @@ class BackboneConfig(BaseModel):
 
 @dataclass(frozen=True)
 class PromptPrefix:
-    """Attention keys/values of soft prompts [N, heads, L, head_dim] per layer (causal backbones only)."""
+    """Attention keys/values of soft prompts [N, heads, L, head_dim] per layer (causal backbones only).
+
+    `last` is the final hidden state at the prompt's last position [N, d]: it predicts the first input token, which
+    an empty source (no BOS) needs scored.
+    """
 
     layers: tuple[tuple[Tensor, Tensor], ...]
     length: int
+    last: Tensor
 
     @property
     def rows(self) -> int:
@@ -45,21 +58,23 @@ class PromptPrefix:
     def select(self, index: Tensor) -> PromptPrefix:
         """Rows of this prefix in a new order (e.g. one composition per request in a mixed batch)."""
         index = index.to(self.layers[0][0].device)
-        return PromptPrefix(tuple((k.index_select(0, index), v.index_select(0, index)) for k, v in self.layers), self.length)
+        layers = tuple((k.index_select(0, index), v.index_select(0, index)) for k, v in self.layers)
+        return PromptPrefix(layers, self.length, self.last.index_select(0, index))
 
     @staticmethod
     def cat(prefixes: list[PromptPrefix]) -> PromptPrefix:
         """Stack prefixes of equal length along rows."""
         if len({p.length for p in prefixes}) != 1:
-            raise ValueError("prompt prefixes of different lengths cannot share a batch")
+            raise BackboneInputError("prompt prefixes of different lengths cannot share a batch")
         layers = tuple(
             (torch.cat([p.layers[i][0] for p in prefixes]), torch.cat([p.layers[i][1] for p in prefixes]))
             for i in range(len(prefixes[0].layers))
         )
-        return PromptPrefix(layers, prefixes[0].length)
+        return PromptPrefix(layers, prefixes[0].length, torch.cat([p.last for p in prefixes]))
 
     def nbytes(self) -> int:
-        return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in self.layers)
+        tensors = [t for kv in self.layers for t in kv] + [self.last]
+        return sum(t.numel() * t.element_size() for t in tensors)
 
 
 Prompt = Tensor | PromptPrefix
@@ -77,6 +92,22 @@ def _pick_dtype(requested: str, device: torch.device) -> torch.dtype:
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.float32
+
+
+def _leading_bos(tokenizer) -> list[int]:
+    """[BOS] when the tokenizer's own template starts every text with it (what PEFT's inputs then carry), else []."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return []
+    marked = tokenizer("a")["input_ids"]
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    return [bos] if marked[:1] == [bos] and plain[:1] != [bos] else []
+
+
+def _prefix_free(rows: list[list[int]]) -> bool:
+    """True when no token sequence is a proper prefix of another (sorted, a prefix sits right before an extension)."""
+    seqs = sorted(set(map(tuple, rows)))
+    return not any(b[: len(a)] == a for a, b in zip(seqs, seqs[1:]))
 
 
 def backbone_id_for(name_or_path: str) -> str:
@@ -102,6 +133,7 @@ class Backbone:
         self.dtype = next(model.parameters()).dtype
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.eos_id = tokenizer.eos_token_id
+        self.bos_ids = [] if self.is_seq2seq else _leading_bos(tokenizer)
         text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         self._softcap = getattr(text_config, "final_logit_softcapping", None)
 
@@ -129,9 +161,12 @@ class Backbone:
 
     # ---- tokenization -----------------------------------------------------------------------------------------
     def _source_ids(self, sources: list[str]) -> list[list[int]]:
+        """Seq2seq: the tokenizer's template (ends in EOS). Causal: the leading BOS if the tokenizer adds one, then
+        the text. Longer sources keep their last tokens (and the BOS)."""
+        keep = self.config.max_source_tokens - len(self.bos_ids)
         out = []
         for ids in self.tokenizer(list(sources), add_special_tokens=self.is_seq2seq)["input_ids"]:
-            out.append(ids[-self.config.max_source_tokens :])
+            out.append(self.bos_ids + ids[-keep:])
         return out
 
     def _target_ids(self, targets: list[str], eos: bool) -> list[list[int]]:
@@ -145,8 +180,17 @@ class Backbone:
         return [row[: self.config.max_target_tokens] for row in ids]
 
     def label_token_ids(self, labels: list[str]) -> list[list[int]]:
-        """How each label string is scored: its tokens after a source (decides the one-forward fast path)."""
-        return self._target_ids(list(labels), eos=False)
+        """The tokens each label is scored on after a source (all length 1: the one-forward fast path).
+
+        Causal labels end in EOS only when one label's tokens are a proper prefix of another's (see `label_scores`);
+        seq2seq labels always end in EOS (decoder targets).
+        """
+        ids = self._target_ids(list(labels), eos=False)
+        if self.is_seq2seq or _prefix_free(ids):
+            return ids
+        if self.eos_id is None:
+            raise BackboneInputError(f"labels {labels} need an end marker (one begins another) but the tokenizer has no EOS")
+        return [row + [self.eos_id] for row in ids]
 
     def _pad(self, rows: list[list[int]], left: bool = False) -> tuple[Tensor, Tensor]:
         width = max(len(r) for r in rows)
@@ -165,34 +209,38 @@ class Backbone:
     def prefix(self, prompts: Tensor) -> PromptPrefix:
         """Compute the keys/values of prompts [N, L, d] once (causal backbones)."""
         if self.is_seq2seq:
-            raise ValueError("prompt prefixes apply to causal backbones; seq2seq prompts go through the encoder")
+            raise BackboneInputError("prompt prefixes apply to causal backbones; seq2seq prompts go through the encoder")
         prompts = self._as_batch(prompts, None)
         out = self.model.base_model(inputs_embeds=prompts, use_cache=True)
-        cache = out.past_key_values
-        layers = tuple((layer.keys, layer.values) for layer in cache.layers)
-        return PromptPrefix(layers, prompts.shape[1])
+        layers = tuple((layer.keys, layer.values) for layer in out.past_key_values.layers)
+        return PromptPrefix(layers, prompts.shape[1], out.last_hidden_state[:, -1])
 
     def _as_batch(self, prompts: Tensor, rows: int | None) -> Tensor:
         if prompts.dim() == 2:
             prompts = prompts.unsqueeze(0)
-        if prompts.dim() != 3 or prompts.shape[-1] != self.hidden_size:
-            raise ValueError(f"prompts must be [B, L, {self.hidden_size}] or [L, {self.hidden_size}], got {tuple(prompts.shape)}")
+        if prompts.dim() != 3 or prompts.shape[-1] != self.hidden_size or prompts.shape[1] < 1:
+            raise BackboneInputError(
+                f"prompts must be [B, L, {self.hidden_size}] or [L, {self.hidden_size}] with L >= 1, got {tuple(prompts.shape)}"
+            )
         prompts = prompts.to(self.device, self.dtype)
         if rows is not None and prompts.shape[0] != rows:
             if prompts.shape[0] != 1:
-                raise ValueError(f"{prompts.shape[0]} prompts for a batch of {rows} rows")
+                raise BackboneInputError(f"{prompts.shape[0]} prompts for a batch of {rows} rows")
             prompts = prompts.expand(rows, -1, -1)
         return prompts
 
     def _input_hidden(self, prompt: Prompt, ids: Tensor, mask: Tensor) -> Tensor:
-        """Causal: last hidden states at the input positions [B, T, d], prompt first, one row one prompt."""
+        """Causal, prompt first, one row one prompt: final hidden states [B, T + 1, d] where index i is the state that
+        predicts input token i (index 0: the prompt's last position; index T: after the last input token)."""
         rows, width = ids.shape
         if isinstance(prompt, PromptPrefix):
             from transformers import DynamicCache
 
             prefix = prompt if prompt.rows == rows else prompt.select(torch.zeros(rows, dtype=torch.long, device=self.device))
             if prefix.rows != rows:
-                raise ValueError(f"{prompt.rows} prompt prefixes for a batch of {rows} rows")
+                raise BackboneInputError(f"{prompt.rows} prompt prefixes for a batch of {rows} rows")
+            if width == 0:
+                return prefix.last.unsqueeze(1)
             cache = DynamicCache(ddp_cache_data=prefix.layers, config=self.model.config)
             length = prefix.length
             full_mask = torch.cat([torch.ones(rows, length, dtype=mask.dtype, device=self.device), mask], dim=1)
@@ -201,13 +249,13 @@ class Backbone:
                 inputs_embeds=self.embed(ids), attention_mask=full_mask, position_ids=positions,
                 past_key_values=cache, use_cache=True,
             )
-            return out.last_hidden_state
+            return torch.cat([prefix.last.unsqueeze(1).to(out.last_hidden_state.dtype), out.last_hidden_state], dim=1)
         prompts = self._as_batch(prompt, rows)
         length = prompts.shape[1]
         embeds = torch.cat([prompts, self.embed(ids)], dim=1)
         full_mask = torch.cat([torch.ones(rows, length, dtype=mask.dtype, device=self.device), mask], dim=1)
         out = self.model.base_model(inputs_embeds=embeds, attention_mask=full_mask, use_cache=False)
-        return out.last_hidden_state[:, length:]
+        return out.last_hidden_state[:, length - 1 :]
 
     def _logprobs_at(self, hidden: Tensor) -> Tensor:
         """Log-probabilities over the vocabulary for the gathered hidden states [N, d] only."""
@@ -227,7 +275,7 @@ class Backbone:
         for row, (s, t) in enumerate(zip(source_ids, target_ids)):
             for j, tok in enumerate(t):
                 row_index.append(row)
-                pos_index.append(len(s) + j - 1)  # hidden at p-1 predicts token p
+                pos_index.append(len(s) + j)  # the state at index p predicts input token p
                 token_ids.append(tok)
         rows_t = torch.tensor(row_index, device=self.device)
         picked = hidden[rows_t, torch.tensor(pos_index, device=self.device)]
@@ -236,7 +284,7 @@ class Backbone:
 
     def _seq2seq_target_logprobs(self, prompt: Prompt, source_ids, target_ids) -> tuple[Tensor, Tensor]:
         if isinstance(prompt, PromptPrefix):
-            raise ValueError("prompt prefixes apply to causal backbones only")
+            raise BackboneInputError("prompt prefixes apply to causal backbones only")
         ids, mask = self._pad(source_ids)
         prompts = self._as_batch(prompt, ids.shape[0])
         embeds = torch.cat([prompts, self.embed(ids)], dim=1)
@@ -273,19 +321,25 @@ class Backbone:
     def label_scores(self, prompt: Prompt, sources: list[str], labels: list[str]) -> Tensor:
         """`score_labels` with gradients, on the backbone's device.
 
-        When every label is one token (the common case on causal models) one forward of B rows gives all C
-        scores from the last source position; otherwise each (source, label) pair is a row.
+        A label's score is log P(its `label_token_ids` | prompt, source), summed over tokens, with no length
+        normalization. Without an end marker that is the probability that the continuation BEGINS with the label.
+        For a prefix-free label set those events are disjoint, so scores compare like probabilities whatever the
+        labels' lengths (a multi-token label is not penalized: its score is the model's probability of the whole
+        string). When one label's tokens begin another's ('true' / 'true story'), P(begins with 'true') contains
+        P('true story') and the longer label could never win: only then are labels scored as complete strings, tokens
+        then EOS. Distinct single tokens are always prefix-free, so the one-forward fast path (all C scores from
+        the state after the source, B rows) is exact; otherwise each (source, label) pair is a row.
         """
         self._check_rows(prompt, len(sources))
         if not labels:
-            raise ValueError("no labels to score")
+            raise BackboneInputError("no labels to score")
         label_ids = self.label_token_ids(labels)
         rows, n_labels = len(sources), len(labels)
         if not self.is_seq2seq and all(len(t) == 1 for t in label_ids):
             source_ids = self._source_ids(sources)
             ids, mask = self._pad(source_ids)
             hidden = self._input_hidden(prompt, ids, mask)
-            last = torch.tensor([len(s) - 1 for s in source_ids], device=self.device)
+            last = torch.tensor([len(s) for s in source_ids], device=self.device)
             logp = self._logprobs_at(hidden[torch.arange(rows, device=self.device), last])
             return logp[:, torch.tensor([t[0] for t in label_ids], device=self.device)]
         expanded = self._repeat_rows(prompt, rows, n_labels)
@@ -299,9 +353,9 @@ class Backbone:
         """Fail before any work when a batch brings neither one prompt nor one per row."""
         n = prompt.rows if isinstance(prompt, PromptPrefix) else self._as_batch(prompt, None).shape[0]
         if n not in (1, rows):
-            raise ValueError(f"{n} prompts for a batch of {rows} rows")
+            raise BackboneInputError(f"{n} prompts for a batch of {rows} rows")
         if not rows:
-            raise ValueError("an empty batch: give at least one source")
+            raise BackboneInputError("an empty batch: give at least one source")
 
     def _repeat_rows(self, prompt: Prompt, rows: int, times: int) -> Prompt:
         if isinstance(prompt, PromptPrefix):
