@@ -61,15 +61,27 @@ def test_ties_hand_computed():
     # density 0.5 keeps 2 of 4: [4,0,0,-3], [-2,2,0,0], [1,-5,0,0]; mass [3,-3,0,-3] elects [+,-,0,-]
     out = merge("ties", [T1, T2, T3], density=0.5)
     assert torch.allclose(out, torch.tensor([[2.5, -5.0, 0.0, -3.0]]))
-    # weights applied before the election: u2 = [-6,6,0,0], mass [-1,1,0,-3]
+    # weights applied before the election: u2 = [-6,6,0,0], mass [-1,1,0,-3]; weighted mean over agreeing inputs
     out = merge("ties", [T1, T2, T3], [1.0, 3.0, 1.0], density=0.5)
-    assert torch.allclose(out, torch.tensor([[-6.0, 6.0, 0.0, -3.0]]))
+    assert torch.allclose(out, torch.tensor([[-6.0 / 3, 6.0 / 3, 0.0, -3.0]]))
     # density 1: no trimming; signs by mass [3,-4,1.3,-2.8]; mean of the agreeing entries
     out = merge("ties", [T1, T2, T3], density=1.0, coefficient=2.0)
     assert torch.allclose(out, 2 * torch.tensor([[2.5, -3.0, 0.75, -1.55]]))
     assert torch.allclose(merge("ties", [A], density=1.0), A)
     # order does not matter
     assert torch.allclose(merge("ties", [T3, T1, T2], density=0.5), merge("ties", [T1, T2, T3], density=0.5))
+
+
+def test_weighted_ties_is_mergekits():
+    """x = [+1, -1], w = [1, 3]: mergekit gives -1 (sign elected by weighted mass, mean weighted by w)."""
+    x = [torch.tensor([[1.0]]), torch.tensor([[-1.0]])]
+    assert torch.equal(merge("ties", x, [1.0, 3.0], density=1.0), torch.tensor([[-1.0]]))
+    assert torch.equal(merge("ties", x, [3.0, 1.0], density=1.0), torch.tensor([[1.0]]))
+    # a zero weighted sum elects +, as mergekit's `sign_weight >= 0`
+    assert torch.equal(merge("ties", x, density=1.0), torch.tensor([[1.0]]))
+    # two agreeing inputs: their weighted mean (2*1 + 1*4) / 3, not a count-based mean
+    y = [torch.tensor([[1.0]]), torch.tensor([[4.0]]), torch.tensor([[-1.0]])]
+    assert torch.allclose(merge("ties", y, [2.0, 1.0, 1.0], density=1.0), torch.tensor([[2.0]]))
 
 
 def test_ties_keeps_ceil_density_entries_per_vector():

@@ -112,12 +112,17 @@ def _trim(x: torch.Tensor, density: float) -> torch.Tensor:
 
 @_register("ties", params=TiesParams, weighted=True)
 def _ties(x: torch.Tensor, w: torch.Tensor, p: TiesParams) -> torch.Tensor:
-    """TIES: trim each vector to its top-density magnitudes, weight, elect each entry's sign by summed mass,
-    then average only the entries that agree with it (disjoint mean)."""
-    u = _trim(x, p.density) * _bcast(w, x)
-    elected = torch.sign(u.sum(0))
-    agree = (torch.sign(u) == elected) & (u != 0)
-    return (u * agree).sum(0) / agree.sum(0).clamp_min(1)
+    """TIES, weighted as mergekit's `ties` defines it: trim each vector to its top-density magnitudes, multiply by
+    its weight, elect each entry's sign from the sum of the weighted values (a zero sum elects +), then take the
+    disjoint weighted mean: sum of the agreeing weighted values / sum of their weights (0 where none agree).
+    E.g. x = [+1, -1], w = [1, 3]: weighted [+1, -3] elect -, so -3 / 3 = -1. Unlike mergekit, trimming keeps
+    ceil(density * n) entries (at least one) where mergekit keeps floor(density * n)."""
+    ws = _bcast(w, x)
+    u = _trim(x, p.density) * ws
+    elected = torch.where(u.sum(0) >= 0, 1.0, -1.0)
+    agree = torch.sign(u) == elected
+    divisor = (ws * agree).sum(0)
+    return (u * agree).sum(0) / torch.where(divisor == 0, torch.ones_like(divisor), divisor)
 
 
 @_register("dare", params=DareParams, weighted=True, commutative=False)
