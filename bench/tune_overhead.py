@@ -29,7 +29,7 @@ def serial(configs, store_dir: Path, threads: int) -> float:
 
     from tpv.store import VectorStore
     from tpv.train import train
-    from tune_jobs.common import load_backbone
+    from tune_jobs.runtime import load_backbone
 
     torch.set_num_threads(threads)
     start = time.perf_counter()
@@ -42,7 +42,7 @@ def serial(configs, store_dir: Path, threads: int) -> float:
 
 
 def swept(config, store_dir: Path, results_dir: Path, round_no: int) -> float:
-    from tune_jobs.common import Locations
+    from tune_jobs.locations import Locations
     from tune_jobs.sweep import run_sweep
 
     cfg = config.model_copy(update={
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     from tpv.bundled import DEFAULT_BACKBONE, resolve_model_path
     from tpv.data_fetch import fetch
     from tpv.tasks import get_task
-    from tune_jobs.common import init_ray
+    from tune_jobs.runtime import init_ray
     from tune_jobs.sweep import Resources, SweepConfig
 
     model = args.model or DEFAULT_BACKBONE

@@ -48,7 +48,7 @@ def tasks() -> list[str]:
 
 
 def sweep_config(model: Path, store: Path, tasks: list[str], seeds: list[int], **extra):
-    from tune_jobs.common import Locations
+    from tune_jobs.locations import Locations
     from tune_jobs.sweep import SweepConfig
 
     extra.setdefault("train", TRAIN)
@@ -187,7 +187,7 @@ def test_cross_origin_table(swept, tiny_causal_path, tmp_path):
 
 
 def test_transfer_runs_every_init_and_writes_tables(swept, tiny_causal_path, tmp_path):
-    from tune_jobs.common import Locations
+    from tune_jobs.locations import Locations
     from tune_jobs.transfer import TransferConfig, run_transfer
 
     _, _, store = swept

@@ -91,7 +91,7 @@ def test_the_constructed_case_has_an_interior_best(case):
 def test_weight_search_finds_the_known_best(case, tmp_path):
     from tpv.compose import Composer
     from tpv.store import VectorStore
-    from tune_jobs.common import Locations
+    from tune_jobs.locations import Locations
     from tune_jobs.sweep import Resources
     from tune_jobs.weights import WeightSearchConfig, run_search
 

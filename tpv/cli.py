@@ -1,7 +1,9 @@
 """The `tpv` command. Library commands live here; Ray-backed commands (sweep, transfer, search-weights, report,
 demo, serve) are dispatched to `tune_jobs` / `serve` so that importing `tpv` never imports Ray.
 
-Bad input ends with one `error: ...` line and exit code 2, never a traceback.
+Bad input ends with one `error: ...` line, never a traceback, for every subcommand (the Ray-backed ones too): errors
+are mapped BY TYPE to exit codes (`tpv.errors.EXIT_CODES`: 2 invalid input, 3 not found, 4 conflict, 5 corrupt
+data, 6 not prepared).
 """
 
 from __future__ import annotations
@@ -14,7 +16,10 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from tpv.errors import InvalidInput, TpvError, exit_code
 from tpv.paths import default_store
+from tpv.train import PRESETS
+from tpv.vectors import SIMILARITY_MODES
 
 # subcommand -> "module:function" taking argv; each parses its own arguments (see its --help)
 DELEGATED = {
@@ -22,6 +27,8 @@ DELEGATED = {
     "transfer": "tune_jobs.transfer:main",
     "search-weights": "tune_jobs.weights:main",
     "report": "tune_jobs.report:main",
+    "study": "tune_jobs.study:main",
+    "addition": "tune_jobs.addition:main",
     "demo": "tune_jobs.main_job:main",
     "serve": "serve.app:main",
 }
@@ -96,18 +103,16 @@ def cmd_tasks(args) -> None:
 def cmd_train(args) -> None:
     import yaml
 
-    from tpv.backbone import Backbone, BackboneConfig
+    from tpv.backbone import Backbone
     from tpv.train import TrainConfig, train
 
     overrides = {k: v for k, v in {"seed": args.seed, "max_steps": args.steps, "shots": args.shots,
                                    "prompt_length": args.prompt_length, "lr": args.lr}.items() if v is not None}
-    backbone = BackboneConfig(model=args.backbone, device=args.device)
+    overrides["backbone"] = {"model": args.backbone, "device": args.device}
     if args.config:
         config = TrainConfig(**{**yaml.safe_load(Path(args.config).read_text()), **overrides})
-    elif args.preset == "paper":
-        config = TrainConfig(task=args.task, backbone=backbone, **overrides)
     else:
-        config = TrainConfig.cpu_demo(args.task, backbone=backbone, **overrides)
+        config = TrainConfig.preset(args.preset, args.task, **overrides)
     backbone, store = Backbone.load(config.backbone), _store(args)
     result = train(config, backbone, store)
     vector_id = store.put(result.vector(backbone.backbone_id))
@@ -200,6 +205,11 @@ def cmd_import_peft(args) -> None:
     print(_store(args).put(vector))
 
 
+def cmd_store(args) -> None:
+    counts = _store(args).migrate()
+    print(json.dumps(counts, indent=2))
+
+
 # ---- parser -----------------------------------------------------------------------------------------------------
 def _add_common(p: argparse.ArgumentParser, backbone: bool = True) -> None:
     p.add_argument("--store", default=default_store(), help="store URI: a folder or a pyarrow URI (default: %(default)s)")
@@ -237,7 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="one prompt-tuning run; stores its vector")
     train.add_argument("--task", required=False)
     train.add_argument("--config", help="a TrainConfig YAML file (flags below override it)")
-    train.add_argument("--preset", choices=["cpu", "paper"], default="cpu", help="cpu: small demo budgets; paper: the paper's settings")
+    train.add_argument("--preset", choices=list(PRESETS), default="causal_cpu",
+                       help="a named recipe (tpv.train.PRESETS): paper (the paper's T5 recipe), causal (the recipe "
+                       "adopted for causal LMs, mid budget), causal_cpu (the same at the demo's CPU budget)")
     train.add_argument("--seed", type=int, help="origin seed")
     train.add_argument("--steps", type=int, help="max steps")
     train.add_argument("--shots", type=int, help="few-shot: k examples per class")
@@ -261,7 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
     vec.add_argument("--task")
     vec.add_argument("--seed", type=int)
     vec.add_argument("--backbone-id")
-    vec.add_argument("--mode", choices=["row_mean", "flat"], default="row_mean", help="cosine over prompt rows (paper) or flattened")
+    vec.add_argument("--mode", choices=SIMILARITY_MODES, default="flat",
+                     help="flat: cosine of the flattened vectors (the paper's); per_row_mean: mean of row cosines; "
+                     "row_averaged: cosine of the mean rows")
     _add_common(vec, backbone=False)
     vec.set_defaults(func=cmd_vectors)
 
@@ -287,6 +301,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(imp)
     imp.set_defaults(func=cmd_import_peft)
 
+    store = sub.add_parser("store", help="maintain a vector store")
+    store.add_argument("action", choices=["migrate"],
+                       help="migrate: rewrite legacy vectors (tensor + JSON) as one file each, in place; idempotent")
+    _add_common(store, backbone=False)
+    store.set_defaults(func=cmd_store)
+
     for name, target in DELEGATED.items():
         sub.add_parser(name, help=f"(Ray) see `tpv {name} --help`", add_help=False)
     return parser
@@ -294,23 +314,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in DELEGATED:
-        module, _, function = DELEGATED[argv[0]].partition(":")
-        return int(getattr(importlib.import_module(module), function)(argv[1:]) or 0)
-    args = build_parser().parse_args(argv)
-    if args.command == "train" and not (args.task or args.config):
-        build_parser().error("train needs --task or --config")
-    from tpv.store import StoreError
-
     try:
+        if argv and argv[0] in DELEGATED:
+            module, _, function = DELEGATED[argv[0]].partition(":")
+            return int(getattr(importlib.import_module(module), function)(argv[1:]) or 0)
+        args = build_parser().parse_args(argv)
+        if args.command == "train" and not (args.task or args.config):
+            build_parser().error("train needs --task or --config")
         args.func(args)
     except ValidationError as exc:
         fields = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'input'}: {e['msg']}" for e in exc.errors())
         print(f"error: {exc.title}: {fields}", file=sys.stderr)
-        return 2
-    except (ValueError, LookupError, OSError, StoreError) as exc:
+        return exit_code(InvalidInput())
+    except TpvError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return exit_code(exc)
+    except OSError as exc:  # the user's own files: a path that does not exist, a folder without permission
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -27,7 +27,6 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-import uuid
 import zipfile
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -37,7 +36,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from tpv.paths import archives_dir
+from tpv.paths import atomic_write, archives_dir
 from tpv.tasks import SPLITS, get_task, make_splits, task_data_dir
 from tpv.errors import Unavailable
 from tpv.tasks.builtin import TREC_FINE_LABELS
@@ -343,19 +342,6 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write through a temp file in the same folder and rename, so readers never see a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
-    try:
-        with tmp.open("xb") as f:  # not mkstemp: that would make the file private (0600) whatever the umask
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _verified(archive: Archive, path: Path) -> Path:

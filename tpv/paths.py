@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import uuid
 from pathlib import Path
 
 
@@ -29,3 +30,21 @@ def models_dir() -> Path:
 def default_store() -> str:
     """The vector store URI every entry point uses unless told otherwise: TPV_STORE, else TPV_HOME/store."""
     return os.environ.get("TPV_STORE") or str(tpv_home() / "store")
+
+
+def atomic_write(path: Path, data: bytes | str) -> Path:
+    """Write a local file through a temp file in the same folder and rename, so readers never see a partial file.
+
+    The one atomic write for local files (data, task registry, reports); the vector store has its own commit on
+    any pyarrow filesystem."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
+    try:
+        with tmp.open("xb") as f:  # not mkstemp: that would make the file private (0600) whatever the umask
+            f.write(data.encode() if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path

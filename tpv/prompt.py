@@ -1,7 +1,7 @@
 """Origins and the trainable soft prompt, as the paper defines them.
 
-An origin is L rows of the frozen model's own word embeddings, for token ids drawn uniformly from the first 5,000
-vocabulary entries by a seeded generator: it is reproducible from (backbone, L, seed) alone, so a task prompt
+An origin is L rows of the frozen model's own word embeddings, for L DISTINCT token ids drawn from the first 5,000
+vocabulary entries by a seeded permutation (as the paper's code does): it is reproducible from (backbone, L, seed) alone, so a task prompt
 vector trained on one origin can be applied to any other origin of the same backbone.
 """
 
@@ -11,16 +11,18 @@ import torch
 from torch import Tensor, nn
 
 from tpv.backbone import Backbone
+from tpv.errors import InvalidInput
 
 ORIGIN_VOCAB = 5000
 
 
 def origin_token_ids(prompt_length: int, seed: int, vocab_size: int) -> Tensor:
     """The token ids an origin is made of; torch's CPU generator keeps them identical on every machine."""
-    if prompt_length < 1:
-        raise ValueError(f"prompt length must be >= 1, got {prompt_length}")
+    pool = min(ORIGIN_VOCAB, vocab_size)
+    if not 1 <= prompt_length <= pool:
+        raise InvalidInput(f"prompt length must be between 1 and {pool} (distinct origin tokens), got {prompt_length}")
     generator = torch.Generator().manual_seed(seed)
-    return torch.randint(0, min(ORIGIN_VOCAB, vocab_size), (prompt_length,), generator=generator)
+    return torch.randperm(pool, generator=generator)[:prompt_length]
 
 
 @torch.no_grad()

@@ -18,7 +18,11 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from tpv.errors import InvalidInput
 
-SimilarityMode = Literal["row_mean", "flat"]
+SimilarityMode = Literal["flat", "per_row_mean", "row_averaged"]
+SIMILARITY_MODES: tuple[SimilarityMode, ...] = ("flat", "per_row_mean", "row_averaged")
+"""flat: cosine of the flattened [L*d] vectors (the paper's measure, from the authors' analysis scripts);
+per_row_mean: the mean over the L rows of the row-wise cosines; row_averaged: the cosine of the two vectors'
+mean rows [d]. They can differ widely on one pair; flat is the default everywhere."""
 
 
 class VectorError(InvalidInput):
@@ -191,21 +195,43 @@ def _as_tensor(x: TaskPromptVector | torch.Tensor) -> torch.Tensor:
 
 
 def _check_mode(mode: str) -> None:
-    if mode not in ("row_mean", "flat"):
-        raise VectorError(f"unknown similarity mode {mode!r}; use 'row_mean' or 'flat'")
+    if mode not in SIMILARITY_MODES:
+        raise VectorError(f"unknown similarity mode {mode!r}; use one of {', '.join(SIMILARITY_MODES)}")
+
+
+PAIR_KINDS = ("same_task", "diff_task", "same_origin")
+"""same_task: one task, different origins; diff_task: different tasks, different origins; same_origin: different
+tasks, one origin. The paper's first claim is same_task well above both others."""
+
+
+def pair_kind(a: VectorMeta, b: VectorMeta) -> str | None:
+    """Which kind of pair two vectors form (None for one task on one origin: two trainings of the same thing)."""
+    if a.task == b.task:
+        return "same_task" if a.origin_seed != b.origin_seed else None
+    return "same_origin" if a.origin_seed == b.origin_seed else "diff_task"
+
+
+def similarity_by_pair_kind(metas: Sequence[VectorMeta], matrix: np.ndarray) -> dict[str, list[float]]:
+    """The off-diagonal entries of a similarity matrix of these vectors, grouped by `pair_kind`."""
+    groups: dict[str, list[float]] = {kind: [] for kind in PAIR_KINDS}
+    for i in range(len(metas)):
+        for j in range(i + 1, len(metas)):
+            kind = pair_kind(metas[i], metas[j])
+            if kind is not None:
+                groups[kind].append(float(matrix[i, j]))
+    return groups
 
 
 def cosine_similarity(
-    a: TaskPromptVector | torch.Tensor, b: TaskPromptVector | torch.Tensor, mode: SimilarityMode = "row_mean"
+    a: TaskPromptVector | torch.Tensor, b: TaskPromptVector | torch.Tensor, mode: SimilarityMode = "flat"
 ) -> float:
-    """row_mean: mean over the L rows of the row-wise cosine (the paper's measure); flat: cosine of the
-    flattened vectors. A zero row or vector counts as cosine 0 (torch's eps clamp)."""
+    """Cosine of two vectors under one of SIMILARITY_MODES. A zero row or vector counts as cosine 0."""
     return float(similarity_matrix({"a": a, "b": b}, mode)[1][0, 1])
 
 
 def similarity_matrix(
     vectors: Sequence[TaskPromptVector] | Mapping[str, TaskPromptVector | torch.Tensor],
-    mode: SimilarityMode = "row_mean",
+    mode: SimilarityMode = "flat",
 ) -> tuple[list[str], np.ndarray]:
     """Pairwise cosine of N vectors as (labels, [N, N] float64 array); labels are vector ids or mapping keys."""
     _check_mode(mode)
@@ -225,8 +251,8 @@ def similarity_matrix(
         raise VectorError(f"cannot compare vectors of different shapes: {sorted(shapes)}")
     x = torch.stack(tensors)  # [N, L, d]
     eps = 1e-8
-    if mode == "flat":
-        flat = x.flatten(1)
+    if mode in ("flat", "row_averaged"):
+        flat = x.flatten(1) if mode == "flat" else x.mean(dim=1)
         flat = flat / flat.norm(dim=1, keepdim=True).clamp_min(eps)
         sim = flat @ flat.T
     else:

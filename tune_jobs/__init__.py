@@ -1,6 +1,6 @@
 """Ray Tune drivers over `tpv.train`: the tasks x seeds sweep, few-shot transfer, combination-weight search.
 
-A thin layer: every trial calls tpv's own training/evaluation code (`tune_jobs.common.train_trial`); Ray appears
+A thin layer: every trial calls tpv's own training/evaluation code (`tune_jobs.trial.train_trial`); Ray appears
 only here and in `serve/`. Each module has a `main(argv) -> int` that the `tpv` command wires up:
 
 - `tune_jobs.sweep`     `tpv sweep`           tasks x origin seeds (x backbones) -> vectors in the store

@@ -1,69 +1,97 @@
-"""`tpv demo`: the README's first command, end to end on the embedded defaults.
+"""`tpv demo`: the README's first command, the method and the whole pipeline end to end on the embedded defaults.
 
-Local Ray (or `$RAY_ADDRESS`), the local store, the bundled SmolLM2-135M, real data:
+Local Ray (or `$RAY_ADDRESS`), the local store, the bundled SmolLM2-135M, real data, the adopted recipe
+(`tpv.train.PRESETS["causal_cpu"]`):
 
 1. prepare the data (`tpv data fetch` for the tasks it needs) and the bundled model (once per TPV_HOME);
-2. sweep 4 tasks x 2 origin seeds with CPU-sized budgets (`tpv sweep`), vectors into the store;
-3. the similarity report of the stored vectors (`tpv report`): tables + heatmap;
-4. one few-shot transfer experiment (`tpv transfer`): imdb <- rotten_tomatoes + tweets, every init;
-5. print where the tables and plots are.
+2. sweep the source tasks x origin seeds (`tpv sweep`), vectors into the store;
+3. similarity of those vectors (`tpv report`): same task vs different task vs same origin (flat cosine);
+4. multi-task addition (`tpv addition`): pairs and all sources, c on validation, retention per task;
+5. few-shot transfer (`tpv transfer`): the target from random origin, SPoT, multi-SPoT and TPV inits;
+6. serve: the TPV composition for the target is stored under a name, the Serve app starts on the store, classifies
+   the target's test sentences over real HTTP, and the served scores are checked against tpv's offline ones;
+7. `demo-summary.json` beside the reports, and a verdict on the paper's claims with the figures.
 
-Sized to finish in under 20 minutes on 2 CPU cores; every stage prints progress. Re-running it reuses what is
-done (stored vectors, finished Tune experiments), so a second run takes seconds.
+Sized for about 20 minutes on 2 CPU cores; every stage prints progress. Re-running it reuses what is done
+(stored vectors, finished Tune experiments), so a second run takes a few minutes (the serve stage runs again).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 from tpv.bundled import DEFAULT_BACKBONE
-from tune_jobs.common import Locations, add_location_args, init_ray, locations_from_args, markdown_table
+from tpv.paths import atomic_write
+from tpv.train import PRESETS
+from tune_jobs.locations import Locations, add_location_args, locations_from_args
+from tune_jobs.runtime import init_ray
+from tune_jobs.tables import markdown_table
 
-# 4 families, ~37 MB of package archives to fetch (snips or the NLI tasks would pull the 342 MB bigbench sdist)
-DEMO_TASKS = ["rotten_tomatoes", "tweets", "trec", "bbc_news"]
+DEMO_TASKS = ["rotten_tomatoes", "tweets", "trec"]
 DEMO_SEEDS = [0, 1]
 DEMO_TARGET = {"imdb": ["rotten_tomatoes", "tweets"]}
-
-#: CPU budgets (2 cores, one thread per trial, two trials at a time)
-SWEEP_TRAIN: dict[str, Any] = {"prompt_length": 10, "max_steps": 24, "eval_every": 12, "eval_examples": 48,
-                               "batch_size": 8, "warmup_steps": 4, "lr": 0.3, "backbone": {"max_source_tokens": 64}}
-TRANSFER = {"shots": [0, 8], "seeds": [10, 11], "few_shot_steps": 12, "test_examples": 100, "probe_shots": 8,
-            "probe_steps": 8}
+DEMO_PRESET = "causal_cpu"
+TRANSFER = {"shots": [0, 8], "seeds": [10], "few_shot_steps": 12, "test_examples": 100,
+            "inits": ["random", "spot", "multi_spot", "tpv"]}
+ADDITION = {"grid_step": 0.1, "eval_examples": 48, "test_examples": 100}
+STAGES = 7
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="tpv demo",
-        description="The main job on the embedded defaults: a Ray Tune sweep of 4 tasks x 2 origin seeds on the "
-                    f"bundled {DEFAULT_BACKBONE} with real data, the similarity report, and one few-shot transfer "
-                    "experiment; prints where the tables and plots are. About 15-20 minutes on 2 CPU cores; a "
-                    "second run reuses the stored vectors and finished experiments.",
-        epilog="Examples:\n  tpv demo\n  tpv demo --tasks rotten_tomatoes tweets trec snips --steps 40\n"
-               "  RAY_ADDRESS=auto tpv demo --store /mnt/shared/tpv/store --gpus-per-trial 0.25 --steps 300\n",
+        description="The main job on the embedded defaults: a Ray Tune sweep of source tasks x origin seeds on the "
+                    f"bundled {DEFAULT_BACKBONE} with real data and the adopted recipe, the similarity report, the "
+                    "multi-task addition, few-shot transfer to a held-out target, and the Serve app classifying the "
+                    "target over HTTP with the TPV composition. Writes demo-summary.json. About 20 minutes on 2 CPU "
+                    "cores; a second run reuses the stored vectors and finished experiments.",
+        epilog="Examples:\n  tpv demo\n  tpv demo --tasks rotten_tomatoes tweets trec sms_spam --steps 120\n"
+               "  RAY_ADDRESS=auto tpv demo --store /mnt/shared/tpv/store --gpus-per-trial 0.25 --preset causal\n",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--tasks", nargs="+", default=DEMO_TASKS, help=f"sweep tasks (default {' '.join(DEMO_TASKS)})")
+    p.add_argument("--tasks", nargs="+", default=DEMO_TASKS, help=f"source tasks (default {' '.join(DEMO_TASKS)})")
     p.add_argument("--seeds", nargs="+", type=int, default=DEMO_SEEDS, help="origin seeds (default 0 1)")
     p.add_argument("--target", default="imdb", help="transfer target (default imdb)")
     p.add_argument("--sources", nargs="+", help="transfer sources (default rotten_tomatoes tweets)")
-    p.add_argument("--steps", type=int, default=SWEEP_TRAIN["max_steps"],
-                   help=f"training steps per sweep trial (default {SWEEP_TRAIN['max_steps']})")
-    p.add_argument("--shots", nargs="+", type=int, default=TRANSFER["shots"], help="transfer shots (default 0 8)")
+    p.add_argument("--preset", choices=list(PRESETS), default=DEMO_PRESET, help=f"the recipe (default {DEMO_PRESET})")
+    p.add_argument("--steps", type=int, help="training steps per sweep run (default: the preset's)")
     p.add_argument("--transfer-seeds", nargs="+", type=int, default=TRANSFER["seeds"],
-                   help="transfer origin seeds (default 10 11)")
+                   help="origins of the transfer runs and of the served composition (default 10)")
     p.add_argument("--backbone", default=DEFAULT_BACKBONE, help=f"default {DEFAULT_BACKBONE}")
     p.add_argument("--cpus-per-trial", type=float, default=1.0)
     p.add_argument("--gpus-per-trial", type=float, default=0.0)
-    p.add_argument("--skip-transfer", action="store_true", help="only the sweep and the report")
+    p.add_argument("--skip-serve", action="store_true", help="stop after the transfer (no Serve app)")
     add_location_args(p)
     return p
 
 
 def stage(n: int, text: str) -> None:
-    print(f"\n=== [{n}/5] {text}", flush=True)
+    print(f"\n=== [{n}/{STAGES}] {text}", flush=True)
+
+
+def verdict(summary: dict[str, Any]) -> list[str]:
+    """The paper's claims, each with the figures that decide it (never tuned to pass: the figures are printed)."""
+    lines = []
+    dominates = summary["same_task_cos"] > max(summary["diff_task_cos"], summary["same_origin_cos"])
+    lines.append(("HOLDS" if dominates else "DOES NOT HOLD") + f": the task dominates the origin (flat cosine: same "
+                 f"task {summary['same_task_cos']:.3f} vs different task {summary['diff_task_cos']:.3f} vs same "
+                 f"origin {summary['same_origin_cos']:.3f})")
+    better = summary["tpv_zero_shot"] >= summary["random_zero_shot"]
+    lines.append(("HOLDS" if better else "DOES NOT HOLD") + f": the TPV init beats a random origin zero-shot on "
+                 f"{summary['target']} ({summary['tpv_zero_shot']:.3f} vs {summary['random_zero_shot']:.3f})")
+    lines.append(f"addition keeps {100 * summary['addition_retention']:.1f}% of single-task performance on average "
+                 "(see the addition table for pairs with disjoint label sets)")
+    if summary.get("served_accuracy") is not None:
+        same = summary["served_max_prob_diff"] <= 1e-3
+        lines.append(("OK" if same else "MISMATCH") + f": served accuracy {summary['served_accuracy']:.3f}, offline "
+                     f"{summary['offline_accuracy']:.3f}, largest probability difference "
+                     f"{summary['served_max_prob_diff']:.2e}")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,9 +100,13 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     loc = locations_from_args(args)
     sources = args.sources or DEMO_TARGET.get(args.target) or args.tasks[:2]
+    from tune_jobs.config import JobConfigError, Resources
+
     missing = [s for s in sources if s not in args.tasks]
     if missing:
-        raise SystemExit(f"transfer sources {missing} are not among the sweep tasks {args.tasks}")
+        raise JobConfigError(f"transfer sources {missing} are not among the sweep tasks {args.tasks}")
+    where = Locations(**loc.model_dump())
+    resources = Resources(cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial)
 
     stage(1, "data and model")
     from tpv.bundled import resolve_model_path
@@ -82,63 +114,111 @@ def main(argv: list[str] | None = None) -> int:
     from tpv.tasks import get_task
 
     needed = list(dict.fromkeys([*args.tasks, args.target]))
-    builtin = [t for t in needed if get_task(t).data is None]
     t0 = time.perf_counter()
-    fetch(builtin)
+    fetch([t for t in needed if get_task(t).data is None])
     print(f"data ready for {', '.join(needed)} ({time.perf_counter() - t0:.0f}s)", flush=True)
     t0 = time.perf_counter()
     path = resolve_model_path(args.backbone)  # converts the bundled GGUF once per TPV_HOME, before trials race
     print(f"model {args.backbone} ready at {path} ({time.perf_counter() - t0:.0f}s)", flush=True)
     init_ray(args.address, args.num_cpus)
 
-    stage(2, f"sweep: {len(args.tasks)} tasks x {len(args.seeds)} origin seeds, {args.steps} steps each")
-    from tune_jobs.sweep import Resources, SweepConfig, run_sweep
+    stage(2, f"sweep: {len(args.tasks)} tasks x {len(args.seeds)} origin seeds, preset {args.preset}")
+    from tune_jobs.sweep import SweepConfig, run_sweep, source_tag
 
-    train = {**SWEEP_TRAIN, "max_steps": args.steps, "eval_every": max(1, args.steps // 2)}
-    resources = Resources(cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial)
+    train = {"max_steps": args.steps} if args.steps else {}
     sweep_cfg = SweepConfig(name="demo-sweep", tasks=args.tasks, seeds=args.seeds, backbones=[args.backbone],
-                            train=train, resources=resources, locations=Locations(**loc.model_dump()))
+                            preset=args.preset, train=train, resources=resources, locations=where)
     swept = run_sweep(sweep_cfg)
     print("\n" + swept["table"], flush=True)
     if swept["failed"]:
         print(f"{swept['failed']} sweep trial(s) failed; run `tpv demo` again to retry them", flush=True)
         return 1
+    vectors = source_tag(swept["experiment"])
 
-    stage(3, "similarity report")
+    stage(3, "similarity of the swept vectors (flat cosine, the paper's measure)")
     from tune_jobs.report import similarity_report
 
-    sim = similarity_report(loc.store, loc.out_dir, tasks=args.tasks, seeds=args.seeds, name="demo-similarity")
-    print(markdown_table(sim["summary"]["row_mean"], ["pairs", "n", "mean", "std", "min", "max"], 2), flush=True)
+    sim = similarity_report(loc.store, loc.out_dir, tasks=args.tasks, seeds=args.seeds, name="demo-similarity",
+                            source=vectors)
+    print(markdown_table(sim["summary"]["flat"], ["pairs", "n", "mean", "std", "min", "max"], 3), flush=True)
+    by_kind = {row["kind"]: row["mean"] for row in sim["summary"]["flat"]}
 
-    transfer_paths: dict[str, str] = {}
-    if not args.skip_transfer:
-        stage(4, f"few-shot transfer: {args.target} <- {', '.join(sources)}")
-        from tune_jobs.transfer import TransferConfig, run_transfer
+    stage(4, f"multi-task addition: pairs and all of {', '.join(args.tasks)} on origin {args.seeds[0]}")
+    from tune_jobs.addition import AdditionConfig, run_addition_job
 
-        transfer_cfg = TransferConfig(
-            name="demo-transfer", targets={args.target: sources}, shots=args.shots, seeds=args.transfer_seeds,
-            backbone=args.backbone, train={k: v for k, v in train.items() if k not in ("max_steps", "eval_every")},
-            few_shot_steps=TRANSFER["few_shot_steps"], test_examples=TRANSFER["test_examples"],
-            probe_shots=TRANSFER["probe_shots"], probe_steps=TRANSFER["probe_steps"], resources=resources,
-            locations=Locations(**loc.model_dump()),
-        )
-        moved = run_transfer(transfer_cfg)
-        print("\n" + moved["markdown"], flush=True)
-        transfer_paths = moved["paths"]
+    added = run_addition_job(AdditionConfig(
+        name="demo-addition", tasks=args.tasks, seeds=[args.seeds[0]], vectors_source=vectors, backbone=args.backbone,
+        resources=resources, locations=where, **ADDITION))
+    print("\n" + added["markdown"], flush=True)
+
+    stage(5, f"few-shot transfer: {args.target} <- {', '.join(sources)}")
+    from tune_jobs.transfer import TransferConfig, run_transfer
+
+    moved = run_transfer(TransferConfig(
+        name="demo-transfer", targets={args.target: sources}, shots=TRANSFER["shots"], seeds=args.transfer_seeds,
+        inits=TRANSFER["inits"], backbone=args.backbone, preset=args.preset, train=train,
+        few_shot_steps=TRANSFER["few_shot_steps"], test_examples=TRANSFER["test_examples"], vectors_source=vectors,
+        vector_seeds=args.seeds, resources=resources, locations=where))
+    print("\n" + moved["markdown"], flush=True)
+    zero = {init: [r["test"] for r in moved["rows"] if r["shots"] == 0 and r["init"] == init]
+            for init in ("random", "tpv")}
+
+    summary: dict[str, Any] = {
+        "backbone": args.backbone, "preset": args.preset, "tasks": args.tasks, "seeds": args.seeds,
+        "target": args.target, "sources": sources, "vectors_source": vectors,
+        "same_task_cos": by_kind["same_task"], "diff_task_cos": by_kind["diff_task"],
+        "same_origin_cos": by_kind["same_origin"],
+        "tpv_zero_shot": sum(zero["tpv"]) / len(zero["tpv"]),
+        "random_zero_shot": sum(zero["random"]) / len(zero["random"]),
+        "addition_retention": added["mean_retention"]["paper"] / 100.0,
+        "served_accuracy": None, "offline_accuracy": None, "served_max_prob_diff": None,
+    }
+    name = f"{args.target}-tpv"
+    if args.skip_serve:
+        stage(6, "serve skipped (--skip-serve)")
     else:
-        stage(4, "few-shot transfer skipped (--skip-transfer)")
+        stage(6, f"serve: the TPV composition `{name}` classifies {args.target} test sentences over HTTP")
+        summary |= serve_stage(args, loc.store, sources, vectors, name)
+    summary["minutes"] = round((time.perf_counter() - started) / 60, 2)
 
-    stage(5, f"done in {(time.perf_counter() - started) / 60:.1f} min")
-    print(f"vectors (store):      {loc.store}")
-    print(f"sweep table:          {swept['paths']['table_md']}")
-    print(f"similarity table:     {sim['paths']['markdown']}")
+    stage(7, f"done in {summary['minutes']:.1f} min")
+    out = Path(loc.out_dir)
+    summary_path = atomic_write(out / "demo-summary.json", json.dumps(summary, indent=2))
+    for line in verdict(summary):
+        print(line)
+    print(f"\nvectors (store):      {loc.store}   (source {vectors!r})")
     print(f"similarity heatmap:   {sim['paths']['heatmap']}")
-    for key, value in transfer_paths.items():
-        print(f"transfer {key + ':':<12} {value}")
+    print(f"addition table/plot:  {added['paths']['markdown']}  {added['paths']['plot']}")
+    print(f"transfer table:       {moved['paths']['markdown']}")
+    print(f"summary:              {summary_path}")
     print(f"Ray Tune experiments: {loc.storage_path}")
-    print("next: `tpv report --cross-origin`, `tpv search-weights --target imdb --sources rotten_tomatoes tweets`, "
-          "`tpv serve`", flush=True)
+    print(f"next: `tpv serve` then POST /v1/classify with \"composition\": \"{name}\"; `tpv study --help`", flush=True)
     return 0
+
+
+def serve_stage(args, store_uri: str, sources: list[str], vectors: str, name: str) -> dict[str, Any]:
+    """Store the target's TPV composition (the sources' seed-mean vectors summed on the first transfer origin), serve
+    it, and compare the served scores with tpv's own."""
+    from tpv.backbone import BackboneConfig, backbone_id_for
+    from tpv.compose import Composer, CompositionBody, prompt_length_of
+    from tpv.store import VectorStore
+    from tpv.tasks import load_split
+    from tune_jobs.serve_check import serve_and_check
+
+    store = VectorStore(store_uri)
+    bb_id = backbone_id_for(args.backbone)
+    body = CompositionBody(terms=[{"task": s, "seeds": args.seeds, "source": vectors} for s in sources])
+    spec = body.applied(bb_id, args.transfer_seeds[0], prompt_length_of(store, bb_id, body))
+    Composer(store, lambda n, s: None).save_named(name, spec, overwrite=True)
+    preset = PRESETS[args.preset]
+    backbone = BackboneConfig(model=args.backbone, **preset.get("backbone", {}))
+    examples = load_split(args.target, "test", limit=TRANSFER["test_examples"], seed=0)
+    check = serve_and_check(store_uri, backbone, name, args.target, examples, num_cpus=args.cpus_per_trial)
+    print(f"served {check.examples} sentences at {check.url} in {check.seconds:.0f}s: accuracy "
+          f"{check.served_accuracy:.3f} (offline {check.offline_accuracy:.3f}), largest probability difference "
+          f"{check.max_prob_diff:.2e}", flush=True)
+    return {"served_accuracy": check.served_accuracy, "offline_accuracy": check.offline_accuracy,
+            "served_max_prob_diff": check.max_prob_diff, "served_composition": name}
 
 
 if __name__ == "__main__":

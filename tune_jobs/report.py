@@ -19,16 +19,13 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from tune_jobs.common import (
-    add_location_args,
-    csv_text,
-    init_ray,
-    locations_from_args,
-    markdown_table,
-    mean_std,
-    pm,
-    write_text,
-)
+from tpv.store import UnknownVector
+from tpv.vectors import similarity_by_pair_kind
+
+from tpv.paths import atomic_write
+from tune_jobs.locations import add_location_args, locations_from_args
+from tune_jobs.runtime import init_ray
+from tune_jobs.tables import csv_text, markdown_table, mean_std, pm
 
 
 def pick_backbone(store, backbone_id: str | None) -> str:
@@ -36,16 +33,24 @@ def pick_backbone(store, backbone_id: str | None) -> str:
         return backbone_id
     counts = Counter(m.backbone_id for m in store.list(kind="task"))
     if not counts:
-        raise SystemExit(f"no task vectors in {store.uri}; run `tpv sweep` first")
+        raise UnknownVector("no task vectors in the store; run `tpv sweep` first")
     return counts.most_common(1)[0][0]
 
 
-def select_vectors(store, backbone_id: str, tasks: list[str] | None = None, seeds: list[int] | None = None):
-    """Stored task vectors of one backbone (one prompt shape: the most common), sorted by task then seed."""
-    metas = [m for m in store.list(backbone_id, kind="task")
-             if (not tasks or m.task in tasks) and (seeds is None or m.origin_seed in seeds)]
+def select_vectors(store, backbone_id: str, tasks: list[str] | None = None, seeds: list[int] | None = None,
+                   source: str | None = None):
+    """Stored task vectors of one backbone (one prompt shape: the most common), sorted by task then seed; with
+    `source`, only the vectors that job wrote (one per task and seed, the task-term rule of tpv.compose)."""
+    if source is not None:
+        from tpv.compose import task_vectors
+
+        names = tasks or sorted({m.task for m in store.list(backbone_id, kind="task")})
+        metas = [m for t in names for m in task_vectors(store, backbone_id, t, None, seeds, source)]
+    else:
+        metas = [m for m in store.list(backbone_id, kind="task")
+                 if (not tasks or m.task in tasks) and (seeds is None or m.origin_seed in seeds)]
     if not metas:
-        raise SystemExit(f"no task vectors for backbone {backbone_id!r} (tasks {tasks or 'any'}) in {store.uri}")
+        raise UnknownVector(f"no task vectors for backbone {backbone_id!r} (tasks {tasks or 'any'})")
     shape = Counter((m.prompt_length, m.hidden_size) for m in metas).most_common(1)[0][0]
     metas = [m for m in metas if (m.prompt_length, m.hidden_size) == shape]
     order = {t: i for i, t in enumerate(tasks or [])}
@@ -58,24 +63,16 @@ def select_vectors(store, backbone_id: str, tasks: list[str] | None = None, seed
     return metas, labels
 
 
+PAIR_NAMES = {"same_task": "same task, different origin", "diff_task": "different task, different origin",
+              "same_origin": "different task, same origin"}
+
+
 def similarity_summary(metas, matrix) -> list[dict[str, Any]]:
-    """Mean +- std of the off-diagonal similarities by kind of pair."""
-    groups: dict[str, list[float]] = {"same task, different origin": [], "different task, same origin": [],
-                                      "different task, different origin": []}
-    for i in range(len(metas)):
-        for j in range(i + 1, len(metas)):
-            a, b = metas[i], metas[j]
-            if a.task == b.task:
-                if a.origin_seed != b.origin_seed:
-                    groups["same task, different origin"].append(float(matrix[i, j]))
-            elif a.origin_seed == b.origin_seed:
-                groups["different task, same origin"].append(float(matrix[i, j]))
-            else:
-                groups["different task, different origin"].append(float(matrix[i, j]))
+    """Mean +- std of the off-diagonal similarities by kind of pair (tpv.vectors.pair_kind)."""
     rows = []
-    for kind, values in groups.items():
+    for kind, values in similarity_by_pair_kind(metas, matrix).items():
         mean, std = mean_std(values)
-        rows.append({"pairs": kind, "n": len(values), "mean": mean, "std": std,
+        rows.append({"pairs": PAIR_NAMES[kind], "kind": kind, "n": len(values), "mean": mean, "std": std,
                      "min": min(values) if values else math.nan, "max": max(values) if values else math.nan})
     return rows
 
@@ -127,36 +124,39 @@ def heatmap(path: Path, labels: list[str], matrices: dict[str, Any], tasks: list
 
 def similarity_report(store_uri: str, out_dir: str | Path, backbone_id: str | None = None,
                       tasks: list[str] | None = None, seeds: list[int] | None = None,
-                      name: str = "similarity") -> dict[str, Any]:
-    """Tables (markdown + CSV) and a heatmap PNG of the stored vectors' cosine similarities."""
+                      name: str = "similarity", source: str | None = None) -> dict[str, Any]:
+    """Tables (markdown + CSV) and a heatmap PNG of the stored vectors' cosine similarities, every measure of
+    tpv.vectors.SIMILARITY_MODES (flat, the paper's, first)."""
     from tpv.store import VectorStore
-    from tpv.vectors import similarity_matrix
+    from tpv.vectors import SIMILARITY_MODES, similarity_matrix
 
     store = VectorStore(store_uri)
     backbone_id = pick_backbone(store, backbone_id)
-    metas, labels = select_vectors(store, backbone_id, tasks, seeds)
+    metas, labels = select_vectors(store, backbone_id, tasks, seeds, source)
     vectors = {label: store.get(m.vector_id, backbone_id) for label, m in zip(labels, metas)}
-    matrices = {mode: similarity_matrix(vectors, mode)[1] for mode in ("row_mean", "flat")}
+    matrices = {mode: similarity_matrix(vectors, mode)[1] for mode in SIMILARITY_MODES}
     out = Path(out_dir) / name
     paths: dict[str, str] = {}
     for mode, matrix in matrices.items():
         rows = [{"vector": labels[i], **{labels[j]: float(matrix[i, j]) for j in range(len(labels))}}
                 for i in range(len(labels))]
-        paths[f"{mode}_csv"] = str(write_text(out / f"similarity_{mode}.csv", csv_text(rows, ["vector", *labels])))
+        paths[f"{mode}_csv"] = str(atomic_write(out / f"similarity_{mode}.csv", csv_text(rows, ["vector", *labels])))
     summary = {mode: similarity_summary(metas, m) for mode, m in matrices.items()}
-    per_task = per_task_cross_seed(metas, matrices["row_mean"])
-    row_table = markdown_table(
-        [{"vector": labels[i], **{labels[j]: float(matrices["row_mean"][i, j]) for j in range(len(labels))}}
+    per_task = per_task_cross_seed(metas, matrices["flat"])
+    flat_table = markdown_table(
+        [{"vector": labels[i], **{labels[j]: float(matrices["flat"][i, j]) for j in range(len(labels))}}
          for i in range(len(labels))], ["vector", *labels], digits=2)
     shape = f"L={metas[0].prompt_length}, d={metas[0].hidden_size}"
+    columns = ["pairs", "n", "mean", "std", "min", "max"]
     md = [f"# Task prompt vector similarity ({backbone_id}, {len(metas)} vectors, {shape})", "",
-          f"store: `{store_uri}`", "", "## Summary (row-mean cosine, the paper's measure)", "",
-          markdown_table(summary["row_mean"], ["pairs", "n", "mean", "std", "min", "max"], 2), "",
-          "## Summary (flattened cosine)", "",
-          markdown_table(summary["flat"], ["pairs", "n", "mean", "std", "min", "max"], 2), "",
-          "## Per task", "", markdown_table(per_task, ["task", "vectors", "cross-seed (same task)", "vs other tasks"]),
-          "", "## Row-mean cosine matrix", "", row_table, ""]
-    paths["markdown"] = str(write_text(out / "similarity.md", "\n".join(md)))
+          "## Summary (flat cosine of the flattened vectors, the paper's measure)", "",
+          markdown_table(summary["flat"], columns, 2), "",
+          "## Summary (mean of per-row cosines)", "", markdown_table(summary["per_row_mean"], columns, 2), "",
+          "## Summary (cosine of the row-averaged vectors)", "", markdown_table(summary["row_averaged"], columns, 2),
+          "", "## Per task (flat cosine)", "",
+          markdown_table(per_task, ["task", "vectors", "cross-seed (same task)", "vs other tasks"]),
+          "", "## Flat cosine matrix", "", flat_table, ""]
+    paths["markdown"] = str(atomic_write(out / "similarity.md", "\n".join(md)))
     paths["heatmap"] = str(heatmap(out / "similarity.png", labels, matrices, [m.task for m in metas],
                                    f"Task prompt vectors, {backbone_id} ({shape})"))
     return {"backbone_id": backbone_id, "labels": labels, "matrices": matrices, "summary": summary,
@@ -173,7 +173,7 @@ def _cross_origin_for_task(store_uri: str, backbone: dict, task: str, vector_ids
     from tpv.prompt import make_origin
     from tpv.store import VectorStore
     from tpv.tasks import get_task, load_split
-    from tune_jobs.common import load_backbone, set_threads
+    from tune_jobs.runtime import load_backbone, set_threads
 
     set_threads(cpus)
     bb = load_backbone(BackboneConfig.model_validate(backbone))
@@ -237,10 +237,10 @@ def cross_origin_report(store_uri: str, out_dir: str | Path, backbone_model: str
     md = markdown_table(table, columns)
     out = Path(out_dir) / name
     paths = {
-        "cross_origin_md": str(write_text(out / "cross_origin.md",
+        "cross_origin_md": str(atomic_write(out / "cross_origin.md",
                                           f"# Own origin vs other origins (test split, {test_examples or 'all'} "
                                           f"examples)\n\n{md}\n")),
-        "cross_origin_csv": str(write_text(out / "cross_origin.csv", csv_text(
+        "cross_origin_csv": str(atomic_write(out / "cross_origin.csv", csv_text(
             rows, ["task", "vector", "vector_seed", "origin_seed", "kind", "metric", "value"]))),
     }
     return {"rows": rows, "table": table, "markdown": md, "paths": paths}
@@ -258,6 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "most vectors in the store for the similarity; the bundled default for --cross-origin)")
     p.add_argument("--tasks", nargs="+", help="only these tasks (default: all), in this order")
     p.add_argument("--seeds", nargs="+", type=int, help="only vectors of these origin seeds")
+    p.add_argument("--vectors-source", help="only the vectors one job wrote (their VectorMeta.source, e.g. "
+                   "'tpv sweep demo-sweep-1a2b3c4d'; see `tpv vectors list`)")
     p.add_argument("--name", default="similarity", help="sub-folder of --out for the files (default similarity)")
     p.add_argument("--cross-origin", action="store_true", help="also evaluate every vector on every origin "
                    "(own vs other origins, the paper's Table 1 shape); runs the model")
@@ -275,7 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     from tpv.backbone import backbone_id_for
 
     bb_id = backbone_id_for(args.backbone) if args.backbone else None
-    result = similarity_report(loc.store, loc.out_dir, bb_id, args.tasks, args.seeds, args.name)
+    result = similarity_report(loc.store, loc.out_dir, bb_id, args.tasks, args.seeds, args.name,
+                               args.vectors_source)
     print(result["markdown"])
     for key, path in result["paths"].items():
         print(f"{key:>14}: {path}")

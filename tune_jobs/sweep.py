@@ -13,74 +13,43 @@ store are skipped (before Tune even starts, and again inside each trial), so re-
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from pathlib import Path
-from typing import Any, Literal
+from collections.abc import Callable
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
 from tpv.backbone import backbone_id_for
 from tpv.bundled import DEFAULT_BACKBONE
-from tpv.train import TrainConfig
-from tune_jobs.common import (
-    GridOutcome,
-    Locations,
-    TrialSpec,
-    add_location_args,
-    csv_text,
+from tpv.paths import atomic_write
+from tpv.train import PRESETS, PresetName, TrainConfig
+from tune_jobs.config import (
+    JobConfig,
+    JobConfigError,
     deep_merge,
-    init_ray,
     load_yaml_config,
-    locations_from_args,
-    resources_from_args,
-    markdown_table,
     parse_overrides,
-    run_grid,
-    short_hash,
-    stored_pairs,
-    write_text,
+    resources_from_args,
 )
-
-Budget = Literal["cpu_demo", "paper"]
-
-
-class Resources(BaseModel):
-    """Per-trial resources: Tune packs as many trials as fit (fractional GPUs share one device)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    cpus_per_trial: float = Field(1.0, gt=0)
-    gpus_per_trial: float = Field(0.0, ge=0, description="e.g. 0.25: four trials share one GPU")
-    max_concurrent: int | None = Field(None, ge=1, description="cap on trials running at once")
+from tune_jobs.grid import GridOutcome, run_grid, short_hash, specs_space
+from tune_jobs.locations import add_location_args, locations_from_args
+from tune_jobs.runtime import init_ray
+from tune_jobs.tables import csv_text, markdown_table
+from tune_jobs.trial import TrialSpec, stored_pairs, train_trial
 
 
-class FaultInjection(BaseModel):
-    """Testing fault tolerance: the trial of `task` dies once after its first checkpoint (marker file)."""
 
-    task: str
-    seed: int = 0
-    marker: str
-
-
-class SweepConfig(BaseModel):
+class SweepConfig(JobConfig):
     """A sweep; loadable from YAML (`--config`), every field overridable on the command line."""
-
-    model_config = ConfigDict(extra="forbid")
 
     name: str = Field("sweep", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     tasks: list[str] = Field(min_length=1)
     seeds: list[int] = Field(default_factory=lambda: [0, 1], min_length=1)
     backbones: list[str] = Field(default_factory=lambda: [DEFAULT_BACKBONE], min_length=1)
-    budget: Budget = Field("cpu_demo", description="cpu_demo: TrainConfig.cpu_demo budgets; paper: the paper's")
-    train: dict[str, Any] = Field(default_factory=dict, description="TrainConfig fields over the budget preset")
-    resources: Resources = Field(default_factory=Resources)
-    max_failures: int = Field(2, ge=0, description="retries of a dead trial, each from its last checkpoint")
-    locations: Locations = Field(default_factory=Locations)
+    preset: PresetName = Field("causal_cpu", description="the recipe (tpv.train.PRESETS) the train fields override")
+    train: dict[str, Any] = Field(default_factory=dict, description="TrainConfig fields over the preset")
     force: bool = Field(False, description="train pairs the store already has (adds vectors)")
-    fresh: bool = Field(False, description="start a new Tune experiment even if an interrupted one exists")
-    verbose: int = Field(0, ge=0, le=3, description="Ray Tune's own console output level")
-    fault_injection: FaultInjection | None = None
 
     @field_validator("tasks")
     @classmethod
@@ -97,14 +66,8 @@ class SweepConfig(BaseModel):
         for model in self.backbones:
             for task in self.tasks:
                 for seed in self.seeds:
-                    if self.budget == "cpu_demo":
-                        base = TrainConfig.cpu_demo(task).model_dump()
-                    else:
-                        base = TrainConfig(task=task).model_dump()
-                    data = deep_merge(base, self.train)
-                    data = deep_merge(data, {"task": task, "seed": seed, "progress": False,
-                                             "backbone": {"model": model}})
-                    configs.append(TrainConfig.model_validate(data))
+                    overrides = deep_merge(self.train, {"seed": seed, "progress": False, "backbone": {"model": model}})
+                    configs.append(TrainConfig.preset(self.preset, task, **overrides))
         return configs
 
 
@@ -113,13 +76,20 @@ def experiment_name(config: SweepConfig, configs: list[TrainConfig]) -> str:
     return f"{config.name}-{short_hash([c.model_dump(mode='json') for c in configs])}"
 
 
+def source_tag(experiment: str) -> str:
+    """The VectorMeta.source of every vector a sweep writes: name a task term's vector set with it."""
+    return f"tpv sweep {experiment}"
+
+
 def label(config: TrainConfig, several_backbones: bool) -> str:
     head = f"{backbone_id_for(config.backbone.model)}:" if several_backbones else ""
     return f"{head}{config.task}/s{config.seed}"
 
 
-def run_sweep(config: SweepConfig) -> dict[str, Any]:
-    """Run (or resume) the sweep; returns {"rows": [...], "table": markdown, "paths": {...}}."""
+def run_sweep(config: SweepConfig, trainable: Callable[[dict], None] = train_trial) -> dict[str, Any]:
+    """Run (or resume) the sweep; returns {"rows": [...], "table": markdown, "paths": {...}}.
+
+    `trainable` is the Tune trainable of each pair (`train_trial`, or a wrapper of it)."""
     from tpv.store import VectorStore
 
     loc = config.locations.resolved()
@@ -130,7 +100,8 @@ def run_sweep(config: SweepConfig) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     pending: list[TrainConfig] = []
     for cfg in configs:
-        have = stored_pairs(store, backbone_id_for(cfg.backbone.model), cfg.task, cfg.seed, cfg.prompt_length)
+        have = stored_pairs(store, backbone_id_for(cfg.backbone.model), cfg.task, cfg.seed, cfg.prompt_length,
+                            source_tag(experiment))
         if have and not config.force:
             rows.append(_stored_row(cfg, have[0], several, "in store"))
         else:
@@ -139,20 +110,18 @@ def run_sweep(config: SweepConfig) -> dict[str, Any]:
           f"{loc.store}, {len(pending)} to train", flush=True)
     if pending:
         init_ray()
-        fault = config.fault_injection
         specs = [
             TrialSpec(
                 label=label(cfg, several), train=cfg, output_store=loc.store, skip_if_stored=not config.force,
-                source_tag=f"tpv sweep {experiment}", cpus=config.resources.cpus_per_trial,
-                crash_marker=fault.marker if fault and (fault.task, fault.seed) == (cfg.task, cfg.seed) else None,
+                source_tag=source_tag(experiment), cpus=config.resources.cpus_per_trial,
             )
             for cfg in pending
         ]
         outcomes = run_grid(
-            specs, experiment=experiment, storage_path=loc.storage_path, cpus=config.resources.cpus_per_trial,
+            specs_space(specs), experiment=experiment, storage_path=loc.storage_path, cpus=config.resources.cpus_per_trial,
             gpus=config.resources.gpus_per_trial, max_failures=config.max_failures,
             max_concurrent=config.resources.max_concurrent, restore=not config.fresh, verbose=config.verbose,
-            job="sweep",
+            job="sweep", trainable=trainable,
         )
         rows += [_outcome_row(o, several) for o in outcomes]
     order = {(label(c, several)): i for i, c in enumerate(configs)}
@@ -160,8 +129,8 @@ def run_sweep(config: SweepConfig) -> dict[str, Any]:
     out = Path(loc.out_dir) / config.name
     table = markdown_table(rows, COLUMNS)
     paths = {
-        "table_md": str(write_text(out / "sweep.md", f"# Sweep `{config.name}`\n\nstore: `{loc.store}`\n\n{table}\n")),
-        "table_csv": str(write_text(out / "sweep.csv", csv_text(rows, COLUMNS))),
+        "table_md": str(atomic_write(out / "sweep.md", f"# Sweep `{config.name}`\n\nstore: `{loc.store}`\n\n{table}\n")),
+        "table_csv": str(atomic_write(out / "sweep.csv", csv_text(rows, COLUMNS))),
     }
     failed = [r for r in rows if r["status"] == "failed"]
     return {"rows": rows, "table": table, "paths": paths, "failed": len(failed), "experiment": experiment,
@@ -202,17 +171,17 @@ def build_parser() -> argparse.ArgumentParser:
         description="Prompt-tune every task x origin seed with Ray Tune and write the task prompt vectors to the "
                     "store. Pairs already stored are skipped; an interrupted sweep resumes from its checkpoints.",
         epilog="Examples:\n  tpv sweep --tasks rotten_tomatoes tweets trec sms_spam --seeds 0 1\n"
-               "  tpv sweep --config sweep.yaml --budget paper --gpus-per-trial 0.25\n"
+               "  tpv sweep --config sweep.yaml --preset causal --gpus-per-trial 0.25\n"
                "  RAY_ADDRESS=auto tpv sweep --config sweep.yaml --store /mnt/shared/tpv/store\n",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--config", help="YAML file with SweepConfig fields (tasks, seeds, backbones, budget, train, "
+    p.add_argument("--config", help="YAML file with SweepConfig fields (tasks, seeds, backbones, preset, train, "
                    "resources, ...); command-line flags override it")
     p.add_argument("--name", help="sweep name (folder of its tables; with a hash, the Tune experiment name)")
     p.add_argument("--tasks", nargs="+", help="task names (see `tpv tasks list`)")
     p.add_argument("--seeds", nargs="+", type=int, help="origin seeds (default 0 1)")
     p.add_argument("--backbones", nargs="+", help=f"bundled names or local model folders (default {DEFAULT_BACKBONE})")
-    p.add_argument("--budget", choices=["cpu_demo", "paper"], help="training budget preset (default cpu_demo)")
+    p.add_argument("--preset", choices=list(PRESETS), help="the recipe (tpv.train.PRESETS; default causal_cpu)")
     p.add_argument("--set", nargs="+", metavar="KEY=VALUE", help="TrainConfig overrides, e.g. max_steps=200 "
                    "prompt_length=20 backbone.max_source_tokens=128")
     p.add_argument("--cpus-per-trial", type=float, help="CPUs per trial (default 1)")
@@ -228,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> SweepConfig:
     data = load_yaml_config(args.config)
-    for key in ("name", "tasks", "seeds", "backbones", "budget", "max_failures", "verbose"):
+    for key in ("name", "tasks", "seeds", "backbones", "preset", "max_failures", "verbose"):
         if getattr(args, key, None) is not None:
             data[key] = getattr(args, key)
     if args.set:
@@ -237,7 +206,7 @@ def config_from_args(args: argparse.Namespace) -> SweepConfig:
     data["force"] = args.force or data.get("force", False)
     data["fresh"] = args.fresh or data.get("fresh", False)
     if "tasks" not in data:
-        raise SystemExit("tpv sweep: give --tasks or a --config file with tasks")
+        raise JobConfigError("tpv sweep: give --tasks or a --config file with tasks")
     config = SweepConfig.model_validate(data)
     config.locations = locations_from_args(args, config.locations)
     return config

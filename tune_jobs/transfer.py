@@ -23,36 +23,22 @@ shots-vs-metric plot per target. Default source -> target groups follow DATA.md.
 from __future__ import annotations
 
 import argparse
-import math
 import posixpath
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from tpv.bundled import DEFAULT_BACKBONE
-from tpv.train import InitSpec, TrainConfig
+from tpv.paths import atomic_write
+from tpv.train import PRESETS, InitSpec, PresetName, TrainConfig
 from tpv.backbone import backbone_id_for
-from tune_jobs.common import (
-    Locations,
-    TrialSpec,
-    add_location_args,
-    csv_text,
-    deep_merge,
-    init_ray,
-    load_yaml_config,
-    locations_from_args,
-    resources_from_args,
-    markdown_table,
-    print_result,
-    mean_std,
-    parse_overrides,
-    pm,
-    run_grid,
-    short_hash,
-    write_text,
-)
-from tune_jobs.sweep import Resources
+from tune_jobs.config import JobConfig, JobConfigError, deep_merge, load_yaml_config, parse_overrides, resources_from_args
+from tune_jobs.grid import run_grid, short_hash, specs_space
+from tune_jobs.locations import add_location_args, locations_from_args
+from tune_jobs.runtime import init_ray
+from tune_jobs.tables import csv_text, markdown_table, mean_std, pm, print_result
+from tune_jobs.trial import TrialSpec
 
 Init = Literal["random", "spot", "multi_spot", "tpv", "tpv_auto"]
 INITS: list[str] = ["random", "spot", "multi_spot", "tpv", "tpv_auto"]
@@ -69,10 +55,8 @@ DEFAULT_GROUPS: dict[str, list[str]] = {
 }
 
 
-class TransferConfig(BaseModel):
+class TransferConfig(JobConfig):
     """A transfer experiment; loadable from YAML, flags override."""
-
-    model_config = ConfigDict(extra="forbid")
 
     name: str = Field("transfer", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     targets: dict[str, list[str]] = Field(default_factory=lambda: dict(DEFAULT_GROUPS),
@@ -82,80 +66,67 @@ class TransferConfig(BaseModel):
     seeds: list[int] = Field(default_factory=lambda: [10, 11, 12], min_length=1,
                              description="origin (and few-shot sample) seeds of the target runs")
     backbone: str = DEFAULT_BACKBONE
-    budget: Literal["cpu_demo", "paper"] = "cpu_demo"
-    train: dict[str, Any] = Field(default_factory=dict, description="TrainConfig fields over the budget preset")
-    few_shot_steps: int | None = Field(None, ge=1, description="steps per few-shot run (default: cpu_demo 40, "
-                                       "paper 1000)")
+    preset: PresetName = Field("causal_cpu", description="the recipe (tpv.train.PRESETS) the train fields override")
+    train: dict[str, Any] = Field(default_factory=dict, description="TrainConfig fields over the preset")
+    few_shot_steps: int = Field(40, ge=1, description="steps per few-shot run")
     test_examples: int | None = Field(200, ge=1, description="test examples per cell (None: all)")
     tpv_coefficient: float = Field(1.0, description="coefficient on the sum of source vectors (TPV inits); "
                                    "`tpv search-weights` picks one on validation")
     auto_k: int = Field(2, ge=1, description="tpv_auto: number of stored tasks combined")
     probe_shots: int = Field(16, ge=1, description="tpv_auto: examples per class of the probe run")
     probe_steps: int = Field(20, ge=1, description="tpv_auto: steps of the probe run")
-    resources: Resources = Field(default_factory=Resources)
-    max_failures: int = Field(2, ge=0)
-    locations: Locations = Field(default_factory=Locations)
-    fresh: bool = False
-    verbose: int = Field(0, ge=0, le=3)
+    vectors_source: str | None = Field(None, description="which stored source vectors: the VectorMeta.source of "
+                                       "the job that wrote them (e.g. 'tpv sweep demo-sweep-1a2b3c4d'); see "
+                                       "tpv.compose.task_vectors")
+    vector_seeds: list[int] | None = Field(None, description="only source vectors of these origin seeds")
 
 
 def base_config(config: TransferConfig, task: str, seed: int, prompt_length: int, **extra: Any) -> TrainConfig:
-    preset = TrainConfig.cpu_demo(task) if config.budget == "cpu_demo" else TrainConfig(task=task)
-    steps = config.few_shot_steps or (40 if config.budget == "cpu_demo" else 1000)
-    data = deep_merge(preset.model_dump(), {"max_steps": steps, "eval_every": max(1, steps // 2)})
-    data = deep_merge(data, config.train)
-    data = deep_merge(data, {"task": task, "seed": seed, "data_seed": seed, "prompt_length": prompt_length,
-                             "progress": False, "backbone": {"model": config.backbone}, **extra})
-    return TrainConfig.model_validate(data)
+    steps = config.few_shot_steps
+    data = deep_merge({"max_steps": steps, "eval_every": max(1, steps // 2)}, config.train)
+    data = deep_merge(data, {"seed": seed, "data_seed": seed, "prompt_length": prompt_length, "progress": False,
+                             "backbone": {"model": config.backbone}, **extra})
+    return TrainConfig.preset(config.preset, task, **data)
 
 
-def _best_vector(store, backbone_id: str, task: str, prompt_length: int):
-    from tpv.tasks import get_task
+def source_vectors(store, backbone_id: str, config: TransferConfig, task: str, length: int | None = None) -> list:
+    """The source vectors every init of this job reads (the one task-term rule: tpv.compose.task_vectors)."""
+    from tpv.compose import task_vectors
 
-    metric = get_task(task).metric
-    metas = [m for m in store.list(backbone_id, task=task, kind="task") if m.prompt_length == prompt_length]
-    if not metas:
-        return None
-    return max(metas, key=lambda m: (m.metrics.get(metric, -math.inf), -m.origin_seed))
+    return task_vectors(store, backbone_id, task, length, config.vector_seeds, config.vectors_source)
 
 
 def source_prompt_length(store, backbone_id: str, config: TransferConfig) -> int:
-    if config.train.get("prompt_length"):
-        return int(config.train["prompt_length"])
-    lengths = [m.prompt_length for srcs in config.targets.values() for s in srcs
-               for m in store.list(backbone_id, task=s, kind="task")]
-    if not lengths:
-        missing = sorted({s for srcs in config.targets.values() for s in srcs})
-        raise SystemExit(f"no stored vectors for the source tasks {missing} (backbone {backbone_id}); run "
-                         f"`tpv sweep --tasks {' '.join(missing)}` first")
-    return max(set(lengths), key=lengths.count)
+    """The sources' prompt length L (every source must have vectors of it); the target runs use it too."""
+    sources = sorted({s for srcs in config.targets.values() for s in srcs})
+    lengths = {s: source_vectors(store, backbone_id, config, s)[0].prompt_length for s in sources}
+    if len(set(lengths.values())) != 1:
+        raise JobConfigError(f"the source tasks have vectors of different prompt lengths {lengths}")
+    return next(iter(lengths.values()))
 
 
-def check_sources(store, backbone_id: str, config: TransferConfig, length: int) -> None:
-    missing = sorted({s for srcs in config.targets.values() for s in srcs
-                      if _best_vector(store, backbone_id, s, length) is None})
-    if missing:
-        raise SystemExit(f"no stored vectors (L={length}) for source task(s) {missing} on {backbone_id}; run "
-                         f"`tpv sweep --tasks {' '.join(missing)}` first")
-
-
-def pick_similar_tasks(store, backbone_id: str, probe, exclude: set[str], k: int) -> list[tuple[str, float]]:
-    """The k stored tasks whose vectors are most similar to the probe (mean row-mean cosine over their seeds)."""
+def pick_similar_tasks(store, backbone_id: str, config: TransferConfig, probe, exclude: set[str],
+                       k: int) -> list[tuple[str, float]]:
+    """The k stored tasks whose vectors (the task-term rule's set) are most similar to the probe (flat cosine,
+    mean over their seeds)."""
     from tpv.vectors import cosine_similarity
 
-    scores: dict[str, list[float]] = {}
-    for meta in store.list(backbone_id, kind="task"):
-        if meta.task in exclude or meta.prompt_length != probe.meta.prompt_length:
+    scores: dict[str, float] = {}
+    for task in sorted({m.task for m in store.list(backbone_id, kind="task")} - exclude):
+        try:
+            metas = source_vectors(store, backbone_id, config, task, probe.meta.prompt_length)
+        except (LookupError, ValueError):  # no vectors of this set, length or seeds: not a candidate
             continue
-        vector = store.get(meta.vector_id, backbone_id)
-        scores.setdefault(meta.task, []).append(cosine_similarity(probe, vector))
-    ranked = sorted(((t, sum(v) / len(v)) for t, v in scores.items()), key=lambda x: -x[1])
-    return ranked[:k]
+        cosines = [cosine_similarity(probe, store.get(m.vector_id, backbone_id)) for m in metas]
+        scores[task] = sum(cosines) / len(cosines)
+    return sorted(scores.items(), key=lambda x: -x[1])[:k]
 
 
-def _composition(tasks: list[str], coefficient: float) -> InitSpec:
+def _composition(config: TransferConfig, tasks: list[str]) -> InitSpec:
+    narrow = {"seeds": config.vector_seeds, "source": config.vectors_source}
     return InitSpec(kind="composition", composition={
-        "terms": [{"task": t, "weight": 1.0} for t in tasks], "method": "weighted", "coefficient": coefficient})
+        "terms": [{"task": t, "weight": 1.0, **{k: v for k, v in narrow.items() if v is not None}} for t in tasks],
+        "method": "weighted", "coefficient": config.tpv_coefficient})
 
 
 def run_transfer(config: TransferConfig) -> dict[str, Any]:
@@ -166,9 +137,7 @@ def run_transfer(config: TransferConfig) -> dict[str, Any]:
     store = VectorStore(loc.store)
     bb_id = backbone_id_for(config.backbone)
     length = source_prompt_length(store, bb_id, config)
-    check_sources(store, bb_id, config, length)
-    key = short_hash(config.model_dump(mode="json", exclude={"locations", "fresh", "verbose", "resources",
-                                                            "max_failures"}))
+    key = short_hash(config.model_dump(mode="json", exclude=set(config.RUN_ONLY)))
     experiment = f"{config.name}-{key}"
     cpus, gpus = config.resources.cpus_per_trial, config.resources.gpus_per_trial
     common = dict(storage_path=loc.storage_path, cpus=cpus, gpus=gpus, max_failures=config.max_failures,
@@ -188,17 +157,17 @@ def run_transfer(config: TransferConfig) -> dict[str, Any]:
             for target in config.targets for seed in config.seeds
         ]
         print(f"[transfer] {len(probe_specs)} probe runs for tpv_auto", flush=True)
-        run_grid(probe_specs, experiment=f"{experiment}-probe", job="transfer probe", reuse_finished=True, **common)
+        run_grid(specs_space(probe_specs), experiment=f"{experiment}-probe", job="transfer probe", reuse_finished=True, **common)
         probes = VectorStore(probe_store_uri)
         for target in config.targets:
             for seed in config.seeds:
                 metas = probes.list(bb_id, task=target, seed=seed)
                 if not metas:
-                    raise SystemExit(f"the probe run for {target}/s{seed} left no vector in {probe_store_uri}")
+                    raise JobConfigError(f"the probe run for {target}/s{seed} left no vector in {probe_store_uri}")
                 probe = probes.get(metas[0].vector_id, bb_id)
-                picked = pick_similar_tasks(store, bb_id, probe, {target}, config.auto_k)
+                picked = pick_similar_tasks(store, bb_id, config, probe, {target}, config.auto_k)
                 if not picked:
-                    raise SystemExit(f"tpv_auto: no stored task vectors besides {target} to pick from")
+                    raise JobConfigError(f"tpv_auto: no stored task vectors besides {target} to pick from")
                 auto_sources[(target, seed)] = picked
                 print(f"[transfer] tpv_auto {target}/s{seed}: "
                       + ", ".join(f"{t} (cos {c:.2f})" for t, c in picked), flush=True)
@@ -206,20 +175,20 @@ def run_transfer(config: TransferConfig) -> dict[str, Any]:
     # 2. the cells
     specs = []
     for target, sources in config.targets.items():
-        best = {s: _best_vector(store, bb_id, s, length) for s in sources}
+        ids = {s: [m.vector_id for m in source_vectors(store, bb_id, config, s, length)] for s in sources}
         for shots in config.shots:
             for init in config.inits:
                 for seed in config.seeds:
                     if init == "random":
                         init_spec = InitSpec()
-                    elif init == "spot":
-                        init_spec = InitSpec(kind="tuned", vector_ids=[best[sources[0]].vector_id])
+                    elif init == "spot":  # the first source's tuned prompts (seed-mean), same vectors as TPV's
+                        init_spec = InitSpec(kind="tuned", vector_ids=ids[sources[0]])
                     elif init == "multi_spot":
-                        init_spec = InitSpec(kind="tuned", vector_ids=[best[s].vector_id for s in sources])
+                        init_spec = InitSpec(kind="tuned", vector_ids=[v for s in sources for v in ids[s]])
                     elif init == "tpv":
-                        init_spec = _composition(sources, config.tpv_coefficient)
+                        init_spec = _composition(config, sources)
                     else:
-                        init_spec = _composition([t for t, _ in auto_sources[(target, seed)]], config.tpv_coefficient)
+                        init_spec = _composition(config, [t for t, _ in auto_sources[(target, seed)]])
                     extra: dict[str, Any] = {"init": init_spec.model_dump()}
                     if shots:
                         extra["shots"] = shots
@@ -232,7 +201,7 @@ def run_transfer(config: TransferConfig) -> dict[str, Any]:
                     ))
     print(f"[transfer] {len(specs)} cells: {len(config.targets)} target(s) x {len(config.shots)} shot counts x "
           f"{len(config.inits)} inits x {len(config.seeds)} seeds", flush=True)
-    outcomes = run_grid(specs, experiment=experiment, job="transfer", reuse_finished=True, **common)
+    outcomes = run_grid(specs_space(specs), experiment=experiment, job="transfer", reuse_finished=True, **common)
     return summarize(config, outcomes, auto_sources, Path(loc.out_dir) / config.name, loc.store)
 
 
@@ -269,10 +238,10 @@ def summarize(config: TransferConfig, outcomes, auto_sources, out: Path, store_u
             sections += [f"tpv_auto picked (cosine to the probe): {auto_text}", ""]
         plots[target] = str(plot_target(out / f"{target}.png", target, metric, config, long_rows))
     errors = [r for r in long_rows if r["error"]]
-    md = "\n".join([f"# Few-shot transfer `{config.name}` ({config.backbone}, {config.budget} budget)", "",
+    md = "\n".join([f"# Few-shot transfer `{config.name}` ({config.backbone}, preset {config.preset})", "",
                     f"store: `{store_uri}`", "", *sections])
-    paths = {"markdown": str(write_text(out / "transfer.md", md)),
-             "csv": str(write_text(out / "transfer.csv", csv_text(
+    paths = {"markdown": str(atomic_write(out / "transfer.md", md)),
+             "csv": str(atomic_write(out / "transfer.csv", csv_text(
                  long_rows, ["target", "init", "shots", "seed", "metric", "test", "val", "steps", "seconds",
                              "error"]))),
              **{f"plot_{t}": p for t, p in plots.items()}}
@@ -330,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--inits", nargs="+", choices=INITS, help="inits to compare (default all)")
     p.add_argument("--seeds", nargs="+", type=int, help="origin seeds of the target runs (default 10 11 12)")
     p.add_argument("--backbone", help=f"bundled name or model folder (default {DEFAULT_BACKBONE})")
-    p.add_argument("--budget", choices=["cpu_demo", "paper"], help="training budget preset (default cpu_demo)")
+    p.add_argument("--preset", choices=list(PRESETS), help="the recipe (tpv.train.PRESETS; default causal_cpu)")
     p.add_argument("--few-shot-steps", type=int, help="training steps per few-shot run")
     p.add_argument("--test-examples", type=int, help="test examples per cell (default 200)")
     p.add_argument("--tpv-coefficient", type=float, help="coefficient on the sum of source vectors (default 1)")
@@ -354,13 +323,13 @@ def parse_targets(items: list[str]) -> dict[str, list[str]]:
         elif name in DEFAULT_GROUPS:
             targets[name] = DEFAULT_GROUPS[name]
         else:
-            raise SystemExit(f"no default sources for target {name!r}: write {name}=SOURCE1,SOURCE2")
+            raise JobConfigError(f"no default sources for target {name!r}: write {name}=SOURCE1,SOURCE2")
     return targets
 
 
 def config_from_args(args: argparse.Namespace) -> TransferConfig:
     data = load_yaml_config(args.config)
-    for key in ("name", "shots", "inits", "seeds", "backbone", "budget", "few_shot_steps", "test_examples",
+    for key in ("name", "shots", "inits", "seeds", "backbone", "preset", "few_shot_steps", "test_examples",
                 "tpv_coefficient", "auto_k", "verbose"):
         if getattr(args, key, None) is not None:
             data[key] = getattr(args, key)

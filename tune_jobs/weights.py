@@ -29,22 +29,12 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tpv.backbone import BackboneConfig, backbone_id_for
 from tpv.bundled import DEFAULT_BACKBONE
-from tune_jobs.common import (
-    Locations,
-    add_location_args,
-    csv_text,
-    init_ray,
-    load_backbone,
-    load_yaml_config,
-    locations_from_args,
-    resources_from_args,
-    markdown_table,
-    print_result,
-    set_threads,
-    short_hash,
-    write_text,
-)
-from tune_jobs.sweep import Resources
+from tpv.paths import atomic_write
+from tune_jobs.config import JobConfig, JobConfigError, load_yaml_config, resources_from_args
+from tune_jobs.grid import GridOutcome, Search, run_grid, short_hash
+from tune_jobs.locations import add_location_args, locations_from_args
+from tune_jobs.runtime import init_ray, load_backbone, set_threads
+from tune_jobs.tables import csv_text, markdown_table, print_result
 
 Mode = Literal["paper", "per_vector"]
 TIE_BREAK = 1e-4
@@ -70,13 +60,17 @@ class ObjectiveSpec(BaseModel):
     cpus: float = 1.0
 
 
-class WeightSearchConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class WeightSearchConfig(JobConfig):
+    """A weight search; loadable from YAML, flags override."""
 
     target: str
-    sources: list[str] = Field(min_length=1, description="source task names (mean of their stored vectors) "
-                               "or stored vector ids")
-    name: str | None = Field(None, description="composition name in the store (default '<target>-tpv')")
+    sources: list[str] = Field(min_length=1, description="source task names (their task vectors, by the task-term "
+                               "rule of tpv.compose) or stored vector ids")
+    vectors_source: str | None = Field(None, description="task sources: only vectors this job wrote "
+                                       "(VectorMeta.source)")
+    vector_seeds: list[int] | None = Field(None, description="task sources: only vectors of these origin seeds")
+    name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+                             description="composition name in the store (default '<target>-tpv')")
     backbone: str = DEFAULT_BACKBONE
     max_source_tokens: int | None = Field(None, description="default: as the source vectors were trained")
     origin_seed: int = Field(0, ge=0, description="origin the composition is applied to (and saved with)")
@@ -93,9 +87,6 @@ class WeightSearchConfig(BaseModel):
     metric: str | None = Field(None, description="validation metric to maximise (default: the task's)")
     eval_examples: int | None = Field(200, ge=1)
     save: bool = True
-    resources: Resources = Field(default_factory=Resources)
-    locations: Locations = Field(default_factory=Locations)
-    verbose: int = Field(0, ge=0, le=3)
 
     @model_validator(mode="after")
     def _range(self) -> WeightSearchConfig:
@@ -179,30 +170,19 @@ def weight_trial_name(trial) -> str:
     return f"c={cfg.get('coefficient', 1.0):.2f}"
 
 
-def weight_trial_dirname(trial) -> str:
-    return f"{weight_trial_name(trial).replace(',', '_')}_{trial.trial_id}"
+def resolve_terms(store, backbone_id: str, config: WeightSearchConfig) -> tuple[list[dict[str, Any]], int, dict]:
+    """Task names become task terms (narrowed by vectors_source / vector_seeds), anything else a stored vector id;
+    returns (terms, L, the backbone config the vectors were trained with)."""
+    from tpv.compose import CompositionBody, prompt_length_of, task_vectors
 
-
-def resolve_terms(store, backbone_id: str, sources: list[str]) -> tuple[list[dict[str, Any]], int, dict]:
-    """Task names become task terms, anything else a stored vector id; returns (terms, L, trained backbone cfg)."""
     tasks = {m.task for m in store.list(backbone_id, kind="task")}
-    terms, metas = [], []
-    for source in sources:
-        if source in tasks:
-            found = store.list(backbone_id, task=source, kind="task")
-            terms.append({"task": source})
-        else:
-            try:
-                found = [store.get(source, backbone_id).meta]
-            except Exception:  # noqa: BLE001
-                raise SystemExit(f"{source!r} is neither a task with stored vectors nor a stored vector id "
-                                 f"(backbone {backbone_id}, store {store.uri}); tasks stored: {sorted(tasks)}")
-            terms.append({"vector_id": source})
-        metas += found
-    lengths = sorted({m.prompt_length for m in metas})
-    if len(lengths) != 1:
-        raise SystemExit(f"the sources have vectors of different prompt lengths {lengths}")
-    return terms, lengths[0], metas[0].train_config.get("backbone", {})
+    narrow = {k: v for k, v in (("seeds", config.vector_seeds), ("source", config.vectors_source)) if v is not None}
+    terms = [{"task": s, **narrow} if s in tasks else {"vector_id": s} for s in config.sources]
+    length = prompt_length_of(store, backbone_id, CompositionBody(terms=terms))
+    first = terms[0]
+    meta = (task_vectors(store, backbone_id, first["task"], length, config.vector_seeds, config.vectors_source)[0]
+            if "task" in first else store.get(first["vector_id"], backbone_id).meta)
+    return terms, length, meta.train_config.get("backbone", {})
 
 
 def run_search(config: WeightSearchConfig) -> dict[str, Any]:
@@ -214,7 +194,7 @@ def run_search(config: WeightSearchConfig) -> dict[str, Any]:
     loc = config.locations.resolved()
     store = VectorStore(loc.store)
     bb_id = backbone_id_for(config.backbone)
-    terms, length, trained = resolve_terms(store, bb_id, config.sources)
+    terms, length, trained = resolve_terms(store, bb_id, config)
     max_tokens = config.max_source_tokens or trained.get("max_source_tokens")
     backbone = BackboneConfig(model=config.backbone, **({"max_source_tokens": max_tokens} if max_tokens else {}))
     spec = ObjectiveSpec(
@@ -224,11 +204,11 @@ def run_search(config: WeightSearchConfig) -> dict[str, Any]:
         cpus=config.resources.cpus_per_trial,
     )
     name = config.name or f"{config.target}-tpv"
-    key = short_hash(config.model_dump(mode="json", exclude={"locations", "verbose", "resources", "save"}))
+    key = short_hash(config.model_dump(mode="json", exclude={*config.RUN_ONLY, "save"}))
     init_ray()
-    trainable = tune.with_resources(weight_trial, {"cpu": config.resources.cpus_per_trial,
-                                                   "gpu": config.resources.gpus_per_trial})
-    run = dict(storage_path=loc.storage_path, verbose=config.verbose)
+    run = dict(storage_path=loc.storage_path, cpus=config.resources.cpus_per_trial,
+               gpus=config.resources.gpus_per_trial, max_failures=config.max_failures, restore=not config.fresh,
+               verbose=config.verbose, trainable=weight_trial, name=weight_trial_name)
     found: dict[str, dict[str, Any]] = {}
     tables: dict[str, list[dict[str, Any]]] = {}
     n_terms = len(terms)
@@ -236,15 +216,12 @@ def run_search(config: WeightSearchConfig) -> dict[str, Any]:
         steps = int(round(1.0 / config.grid_step))
         grid = [round(i * config.grid_step, 10) for i in range(steps + 1)]
         print(f"[search-weights] paper rule: {len(grid)} coefficients on the sum of {config.sources}", flush=True)
-        tuner = tune.Tuner(
-            trainable,
-            param_space={"spec": spec.model_dump(mode="json"), "coefficient": tune.grid_search(grid)},
-            tune_config=tune.TuneConfig(reuse_actors=True, max_concurrent_trials=config.resources.max_concurrent,
-                                        trial_name_creator=weight_trial_name,
-                                        trial_dirname_creator=weight_trial_dirname),
-            run_config=tune.RunConfig(name=f"{name}-paper-{key}", **run),
+        outcomes = run_grid(
+            {"spec": spec.model_dump(mode="json"), "coefficient": tune.grid_search(grid)},
+            experiment=f"{name}-paper-{key}", job="search-weights paper", reuse_finished=True,
+            max_concurrent=config.resources.max_concurrent, **run,
         )
-        rows = _rows(tuner.fit(), n_terms)
+        rows = _rows(outcomes, n_terms)
         rows.sort(key=lambda r: r["coefficient"])
         best = max(rows, key=lambda r: (r["objective"], -r["coefficient"]))  # ties: the smaller coefficient
         found["paper"] = best
@@ -260,18 +237,14 @@ def run_search(config: WeightSearchConfig) -> dict[str, Any]:
             scheduler = ASHAScheduler(time_attr="training_iteration", max_t=5, grace_period=2, reduction_factor=2)
         print(f"[search-weights] per-vector weights in [{config.weight_min}, {config.weight_max}]: "
               f"{config.samples} Optuna trials{' with ASHA' if scheduler else ''}", flush=True)
-        tuner = tune.Tuner(
-            trainable,
-            param_space={"spec": spec.model_dump(mode="json"), "coefficient": 1.0, **space},
-            tune_config=tune.TuneConfig(
-                metric="objective", mode="max", num_samples=config.samples, scheduler=scheduler,
-                search_alg=OptunaSearch(seed=config.seed, points_to_evaluate=start),
-                max_concurrent_trials=config.resources.max_concurrent or 2, reuse_actors=True,
-                trial_name_creator=weight_trial_name, trial_dirname_creator=weight_trial_dirname,
-            ),
-            run_config=tune.RunConfig(name=f"{name}-weights-{key}", **run),
+        search = Search(algorithm=OptunaSearch(seed=config.seed, points_to_evaluate=start), metric="objective",
+                        num_samples=config.samples, scheduler=scheduler)
+        outcomes = run_grid(
+            {"spec": spec.model_dump(mode="json"), "coefficient": 1.0, **space}, experiment=f"{name}-weights-{key}",
+            job="search-weights per_vector", reuse_finished=True, search=search,
+            max_concurrent=config.resources.max_concurrent or 2, **run,
         )
-        rows = [r for r in _rows(tuner.fit(), n_terms) if r.get("done")]
+        rows = [r for r in _rows(outcomes, n_terms) if r.get("done")]
         rows.sort(key=lambda r: -r["objective"])
         found["per_vector"] = rows[0]
         tables["per_vector"] = rows
@@ -292,17 +265,17 @@ def run_search(config: WeightSearchConfig) -> dict[str, Any]:
     return _write(config, loc, name, found, tables, saved, overall_mode, n_terms)
 
 
-def _rows(grid, n_terms: int) -> list[dict[str, Any]]:
+def _rows(outcomes: list[GridOutcome], n_terms: int) -> list[dict[str, Any]]:
     rows = []
-    for result in grid:
-        m, cfg = result.metrics or {}, result.config
+    for result in outcomes:
+        m, cfg = result.metrics, result.config
         if "objective" not in m:
             continue
         weights = [float(cfg.get(f"w{i}", 1.0)) for i in range(n_terms)]
         rows.append({"coefficient": float(cfg.get("coefficient", 1.0)), "weights": weights,
                      "objective": float(m["objective"]), "metric_value": float(m.get("metric_value", math.nan)),
                      "label_logprob": m.get("label_logprob"), "done": bool(m.get("done")),
-                     "error": None if result.error is None else str(result.error)[:200]})
+                     "error": result.error})
     return rows
 
 
@@ -333,8 +306,8 @@ def _write(config, loc, name, found, tables, saved, overall_mode, n_terms) -> di
              for r in shown], ["coefficient", "weights", metric, "label_logprob", "objective"]), ""]
     out = Path(loc.out_dir) / name
     md = "\n".join(lines)
-    paths = {"markdown": str(write_text(out / "weights.md", md)),
-             "csv": str(write_text(out / "weights.csv", csv_text(csv_rows, list(csv_rows[0]) if csv_rows else [])))}
+    paths = {"markdown": str(atomic_write(out / "weights.md", md)),
+             "csv": str(atomic_write(out / "weights.csv", csv_text(csv_rows, list(csv_rows[0]) if csv_rows else [])))}
     return {"found": found, "tables": tables, "saved": saved, "best_mode": overall_mode, "markdown": md,
             "paths": paths}
 
@@ -391,7 +364,7 @@ def config_from_args(args: argparse.Namespace) -> WeightSearchConfig:
         data["save"] = False
     data["resources"] = resources_from_args(args, data)
     if "target" not in data or "sources" not in data:
-        raise SystemExit("tpv search-weights: give --target and --sources (or a --config file with them)")
+        raise JobConfigError("tpv search-weights: give --target and --sources (or a --config file with them)")
     config = WeightSearchConfig.model_validate(data)
     config.locations = locations_from_args(args, config.locations)
     return config

@@ -6,7 +6,6 @@ add``): the persisted ones are what Ray workers and other processes see, since T
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import datasets
 import numpy as np
 from pydantic import ValidationError
 
-from tpv.paths import data_dir, tpv_home
+from tpv.paths import atomic_write, data_dir, tpv_home
 from tpv.tasks.builtin import BUILTIN_TASKS
 from tpv.tasks.spec import SPLITS, Example, Split, TaskConfigError, TaskDataMissing, TaskSpec, config_error
 from tpv.errors import NotFoundError
@@ -42,11 +41,7 @@ def register_task(spec: TaskSpec, overwrite: bool = False, persist: bool = False
         kind = "built-in" if spec.name in BUILTIN_NAMES else "registered"
         raise TaskConfigError(f"name: a {kind} task is already called {spec.name!r}")
     if persist:
-        folder = persisted_dir()
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / f".{spec.name}.{os.getpid()}.tmp"
-        tmp.write_text(spec.model_dump_json(indent=2))
-        os.replace(tmp, folder / f"{spec.name}.json")
+        atomic_write(persisted_dir() / f"{spec.name}.json", spec.model_dump_json(indent=2))
     _REGISTRY[spec.name] = spec
     return spec
 

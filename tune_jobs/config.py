@@ -1,0 +1,90 @@
+"""What every job config shares (`JobConfig`), and reading one from YAML plus command-line overrides."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from tpv.errors import InvalidInput
+from tune_jobs.locations import Locations
+
+
+class JobConfigError(InvalidInput):
+    """A job's configuration (file or flags) is unusable."""
+
+
+class Resources(BaseModel):
+    """Per-trial resources: Tune packs as many trials as fit (fractional GPUs share one device)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    cpus_per_trial: float = Field(1.0, gt=0)
+    gpus_per_trial: float = Field(0.0, ge=0, description="e.g. 0.25: four trials share one GPU")
+    max_concurrent: int | None = Field(None, ge=1, description="cap on trials running at once")
+
+
+class JobConfig(BaseModel):
+    """The fields of every Tune job: its name (the experiment's, so a re-run resumes it), resources, retries,
+    where it reads and writes, and Tune's console verbosity. Loadable from YAML (`--config`), flags override."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    resources: Resources = Field(default_factory=Resources)
+    max_failures: int = Field(2, ge=0, description="retries of a dead trial, each from its last checkpoint")
+    locations: Locations = Field(default_factory=Locations)
+    fresh: bool = Field(False, description="start a new Tune experiment even if an interrupted one exists")
+    verbose: int = Field(0, ge=0, le=3, description="Ray Tune's own console output level")
+
+    #: fields that do not change what a job computes (left out of its experiment key)
+    RUN_ONLY: ClassVar[frozenset[str]] = frozenset({"locations", "fresh", "verbose", "resources", "max_failures"})
+
+
+def resources_from_args(args, data: dict[str, Any]) -> dict[str, Any]:
+    """The `resources` section of a job config with --cpus-per-trial/--gpus-per-trial/--max-concurrent applied."""
+    resources = dict(data.get("resources", {}))
+    for key in ("cpus_per_trial", "gpus_per_trial", "max_concurrent"):
+        if getattr(args, key, None) is not None:
+            resources[key] = getattr(args, key)
+    return resources
+
+
+def parse_overrides(pairs: Sequence[str] | None) -> dict[str, Any]:
+    """`key=value` pairs (values parsed as YAML, dotted keys nest): `--set max_steps=100 backbone.dtype=float32`."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise JobConfigError(f"--set expects key=value, got {pair!r}")
+        key, value = pair.split("=", 1)
+        node = out
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = yaml.safe_load(value)
+    return out
+
+
+def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_yaml_config(path: str | None) -> dict[str, Any]:
+    if not path:
+        return {}
+    import yaml
+
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(data, dict):
+        raise JobConfigError(f"{path}: expected a mapping at the top level")
+    return data

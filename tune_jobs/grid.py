@@ -1,0 +1,177 @@
+"""The one grid runner of every job: a list of trial configs (or a search space) as a Ray Tune experiment.
+
+`run_grid` runs trial specs with `tune.with_resources`, FIFO, `FailureConfig` retries from the last checkpoint, one
+progress line per event, and resumes an interrupted experiment of the same name with `Tuner.restore`. A search
+(Optuna through `ray.tune.search`) goes through the same function with `search`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import posixpath
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+from ray.tune import Callback
+
+from tune_jobs.locations import _is_uri
+from tune_jobs.trial import TrialSpec, train_trial
+
+
+def short_hash(data: Any, n: int = 8) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:n]
+
+
+def trial_name(trial) -> str:
+    spec = trial.config.get("spec", {})
+    return str(spec.get("label", trial.trial_id) if isinstance(spec, dict) else trial.trial_id).replace("/", "-")
+
+
+class Progress(Callback):
+    """Prints one line per evaluation and per finished / retried / failed trial (a Ray Tune Callback)."""
+
+    def __init__(self, job: str, name: Callable[[Any], str]):
+        self.job = job
+        self.name = name
+        self.t0 = time.monotonic()
+
+    def _print(self, msg: str) -> None:
+        print(f"[{self.job} {time.monotonic() - self.t0:6.0f}s] {msg}", flush=True)
+
+    def _label(self, trial) -> str:
+        return self.name(trial)
+
+    @staticmethod
+    def _count(trials, trial=None) -> str:
+        done = {t.trial_id for t in trials if t.status in ("TERMINATED", "ERROR")}
+        if trial is not None:
+            done.add(trial.trial_id)
+        return f"{len(done)}/{len(trials)}"
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        label = self._label(trial)
+        if result.get("skipped"):
+            self._print(f"{label}: already in the store ({result.get('vector_id')}), skipped")
+        elif result.get("done"):
+            parts = [f"done in {result.get('seconds', 0):.0f}s"]
+            if "val_metric" in result:
+                parts.append(f"val {result['val_metric']:.3f}")
+            if "test_metric" in result:
+                parts.append(f"test {result['test_metric']:.3f}")
+            if result.get("vector_id"):
+                parts.append(f"-> {result['vector_id']}")
+            self._print(f"{label}: " + ", ".join(parts))
+        elif "step" in result:
+            # the task's metric: accuracy is always reported, so any other one is the task's
+            metric = next((k for k in ("f1", "macro_f1", "pearson", "spearman", "accuracy") if k in result), None)
+            shown = f" {metric}={result[metric]:.3f}" if metric else ""
+            resumed = f" (resumed at {int(result['resumed_from'])})" if result.get("resumed_from") else ""
+            self._print(f"{label}: step {int(result['step'])}/{int(result.get('total_steps', 0))}"
+                        f"{shown} best={result.get('best', float('nan')):.3f}{resumed}")
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._print(f"{self._count(trials, trial)} trials finished")
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        self._print(f"{self._label(trial)}: the trial died; retrying from its last checkpoint")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._print(f"{self._label(trial)}: FAILED (no retries left); see {trial.local_path}")
+
+
+class GridOutcome(BaseModel):
+    """One finished (or failed) trial, flattened for tables: its config, last metrics, and error if any."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    config: dict[str, Any]
+    metrics: dict[str, Any]
+    error: str | None = None
+    path: str | None = None
+
+    @property
+    def spec(self) -> TrialSpec:
+        """The trial spec of a training/evaluation trial (grids made of `TrialSpec`s)."""
+        return TrialSpec.model_validate(self.config["spec"])
+
+
+class Search(BaseModel):
+    """A search instead of a grid: a `ray.tune.search` algorithm (e.g. OptunaSearch) over a search space."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    algorithm: Any
+    metric: str
+    mode: str = "max"
+    num_samples: int
+    scheduler: Any = None
+
+
+def specs_space(specs: Sequence[TrialSpec]) -> dict[str, Any]:
+    """The param space of a grid of trial specs: one trial per spec."""
+    from ray import tune
+
+    return {"spec": tune.grid_search([s.model_dump(mode="json") for s in specs])}
+
+
+def run_grid(
+    param_space: dict[str, Any], *, experiment: str, storage_path: str, cpus: float = 1.0, gpus: float = 0.0,
+    max_failures: int = 2, max_concurrent: int | None = None, restore: bool = True, reuse_finished: bool = False,
+    verbose: int = 0, job: str = "tune", trainable: Callable[[dict], None] = train_trial,
+    search: Search | None = None, name: Callable[[Any], str] | None = None,
+) -> list[GridOutcome]:
+    """Run `param_space` (e.g. `specs_space(specs)`) as a Tune experiment, or resume the interrupted experiment
+    `experiment` if one exists.
+
+    A finished experiment of that name is reused as it is when `reuse_finished` (its results come back without
+    running anything), else run again in the same folder (the sweep does that when the store lost vectors).
+    `name(trial)` names trials in progress lines and folders (default: the spec's label).
+    """
+    from ray import tune
+
+    trainable = tune.with_resources(trainable, {"cpu": cpus, "gpu": gpus})
+    path = posixpath.join(storage_path, experiment) if _is_uri(storage_path) else str(Path(storage_path) / experiment)
+    namer = name or trial_name
+    tuner = None
+    if restore and tune.Tuner.can_restore(path):
+        tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
+        earlier = tuner.get_results()
+        finished = all(r.error is None and (r.metrics or {}).get("done") for r in earlier)
+        if finished and not reuse_finished:
+            print(f"[{job}] the experiment at {path} already finished; starting it again", flush=True)
+            tuner = None
+        else:
+            print(f"[{job}] resuming the experiment at {path} (Tuner.restore)", flush=True)
+    if tuner is None:
+        searching = dict(search_alg=search.algorithm, metric=search.metric, mode=search.mode,
+                         num_samples=search.num_samples, scheduler=search.scheduler) if search else {}
+        tuner = tune.Tuner(
+            trainable,
+            param_space=param_space,
+            tune_config=tune.TuneConfig(
+                max_concurrent_trials=max_concurrent, reuse_actors=True, trial_name_creator=namer,
+                trial_dirname_creator=lambda trial: f"{namer(trial).replace(',', '_')}_{trial.trial_id}", **searching,
+            ),
+            run_config=tune.RunConfig(
+                name=experiment, storage_path=storage_path, verbose=verbose,
+                failure_config=tune.FailureConfig(max_failures=max_failures),
+                # keep every checkpoint (each is a few prompt-sized tensors): with num_to_keep, a driver killed
+                # between deleting an old checkpoint and snapshotting its state cannot be restored
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
+                callbacks=[Progress(job, namer)],
+            ),
+        )
+    return [
+        GridOutcome(config=dict(result.config), metrics=dict(result.metrics or {}),
+                    error=None if result.error is None else _one_line(result.error), path=str(result.path))
+        for result in tuner.fit()
+    ]
+
+
+def _one_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return (text[-1] if text else type(error).__name__)[:300]

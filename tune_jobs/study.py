@@ -1,0 +1,336 @@
+"""`tpv study`: which training recipe gives task prompt vectors the paper's properties on a backbone.
+
+Every recipe (TrainConfig fields over a preset: lr, schedule, warmup, prompt length, loss, ...) trains every source
+task from every origin seed, as one Ray Tune grid. Each run also stores its prompt as it is at each of `steps`
+(`TrialSpec.snapshot_steps`), so training length is a dimension of the study at no extra cost. Then one scoring
+trial per (recipe, steps) measures, on the vectors of exactly that recipe and length:
+
+- `val`: the mean single-task validation metric;
+- `same_task`, `diff_task`, `same_origin`: mean flat cosine of pairs of one task from different origins, of
+  different tasks from different origins, of different tasks from one origin; `gap` = same_task - max(diff_task,
+  same_origin), positive when the task dominates the origin (the paper's first claim);
+- `tpv_zero_shot` vs `random_zero_shot`: a held-out target's validation metric from O + sum of the sources' vectors
+  vs from the bare origin O, on origins no source was trained from (the second claim, zero-shot);
+- `retention`: the addition of all source tasks (c on validation), mean combined / single test metric (the third).
+
+The table ranks (recipe, steps) by: shows both the first and second claim, then gap, then the zero-shot gain, then
+the validation metric. Adopt the winner as a preset (`tpv.train.PRESETS`).
+
+    tpv study --tasks rotten_tomatoes trec --seeds 0 1 --target imdb --steps 30 60 120 \\
+        --grid lr=0.3,0.03,0.003 loss=lm,label
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from tpv.backbone import BackboneConfig, backbone_id_for
+from tpv.bundled import DEFAULT_BACKBONE
+from tpv.paths import atomic_write
+from tpv.train import PRESETS, PresetName, TrainConfig
+from tune_jobs.config import (
+    JobConfig,
+    JobConfigError,
+    deep_merge,
+    load_yaml_config,
+    parse_overrides,
+    resources_from_args,
+)
+from tune_jobs.grid import run_grid, short_hash, specs_space
+from tune_jobs.locations import add_location_args, locations_from_args
+from tune_jobs.runtime import init_ray, load_backbone, set_threads
+from tune_jobs.tables import csv_text, markdown_table, print_result
+from tune_jobs.trial import TrialSpec, snapshot_source
+
+
+class StudyConfig(JobConfig):
+    """A recipe study; loadable from YAML, flags override."""
+
+    name: str = Field("study", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    tasks: list[str] = Field(min_length=2, description="source tasks")
+    seeds: list[int] = Field(default_factory=lambda: [0, 1], min_length=2, description="origin seeds")
+    target: str = Field(description="held-out target of the zero-shot test (never one of the tasks)")
+    target_seeds: list[int] = Field(default_factory=lambda: [100], min_length=1,
+                                    description="origins of the zero-shot test (none of the training seeds)")
+    backbone: str = DEFAULT_BACKBONE
+    preset: PresetName = Field("causal_cpu", description="the recipe every study recipe overrides")
+    recipes: dict[str, dict[str, Any]] = Field(default_factory=dict, description="name -> TrainConfig fields")
+    grid: dict[str, list[Any]] = Field(default_factory=dict, description="TrainConfig field -> values; every "
+                                       "combination is a recipe (besides `recipes`)")
+    steps: list[int] = Field(default_factory=lambda: [30, 60], min_length=1,
+                             description="training lengths scored (snapshots of one run per recipe)")
+    eval_examples: int = Field(64, ge=1, description="validation examples of each score")
+    test_examples: int = Field(64, ge=1, description="test examples of the addition's retention")
+    addition_step: float = Field(0.25, gt=0, le=1, description="coefficient grid step of the addition score")
+
+    @field_validator("steps")
+    @classmethod
+    def _sorted(cls, steps: list[int]) -> list[int]:
+        if min(steps) < 1:
+            raise ValueError("steps must be >= 1")
+        return sorted(set(steps))
+
+    def all_recipes(self) -> dict[str, dict[str, Any]]:
+        """The explicit recipes plus one per combination of the grid, named by their values."""
+        out = dict(self.recipes)
+        keys = list(self.grid)
+        for values in itertools.product(*(self.grid[k] for k in keys)):
+            out[",".join(f"{k}={v}" for k, v in zip(keys, values))] = dict(zip(keys, values))
+        if not out:
+            raise JobConfigError("a study needs recipes or a grid (e.g. --grid lr=0.3,0.03)")
+        return out
+
+    def train_config(self, overrides: dict[str, Any], task: str, seed: int) -> TrainConfig:
+        """One run of a recipe: as long as the longest scored length, evaluated at every scored length."""
+        every = math.gcd(*self.steps)
+        data = deep_merge(overrides, {"seed": seed, "max_steps": max(self.steps), "eval_every": every,
+                                      "progress": False, "backbone": {"model": self.backbone}})
+        return TrainConfig.preset(self.preset, task, **data)
+
+
+class ScoreSpec(BaseModel):
+    """What one scoring trial measures: the vectors of one recipe at one length."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    recipe: str
+    steps: int
+    source: str = Field(description="VectorMeta.source of the vectors scored")
+    tasks: list[str]
+    seeds: list[int]
+    target: str
+    target_seeds: list[int]
+    store: str
+    backbone: BackboneConfig
+    eval_examples: int
+    test_examples: int
+    addition_step: float
+    cpus: float = 1.0
+
+
+def score_vectors(spec: ScoreSpec) -> dict[str, float]:
+    """The study's measures for one (recipe, steps) (see the module doc)."""
+    from tpv.addition import coefficient_grid, run_addition
+    from tpv.compose import Composer, CompositionSpec, task_vectors
+    from tpv.evaluate import evaluate
+    from tpv.prompt import make_origin
+    from tpv.store import VectorStore
+    from tpv.tasks import get_task, load_split
+    from tpv.vectors import similarity_by_pair_kind, similarity_matrix
+
+    set_threads(spec.cpus)
+    backbone = load_backbone(spec.backbone)
+    store = VectorStore(spec.store)
+    bb = backbone.backbone_id
+    metas = [m for t in spec.tasks for m in task_vectors(store, bb, t, None, spec.seeds, spec.source)]
+    vectors = [store.get(m.vector_id, bb) for m in metas]
+    groups = similarity_by_pair_kind(metas, similarity_matrix(vectors, "flat")[1])
+    out = {kind: sum(v) / len(v) for kind, v in groups.items() if v}
+    out["gap"] = out["same_task"] - max(out.get("diff_task", -1.0), out.get("same_origin", -1.0))
+    out["val"] = sum(m.metrics[get_task(m.task).metric] for m in metas) / len(metas)
+    length = metas[0].prompt_length
+    out["tau_norm"] = sum(float(v.tensor.norm()) for v in vectors) / len(vectors)
+    out["origin_norm"] = float(make_origin(backbone, length, spec.seeds[0]).norm())
+
+    target = get_task(spec.target)
+    dev = load_split(spec.target, "validation", limit=spec.eval_examples, seed=0)
+    composer = Composer(store, lambda n, s: make_origin(backbone, n, s))
+    tpv, random = [], []
+    for seed in spec.target_seeds:
+        summed = CompositionSpec(backbone_id=bb, origin_seed=seed, prompt_length=length, method="weighted",
+                                 terms=[{"task": t, "seeds": spec.seeds, "source": spec.source} for t in spec.tasks])
+        tpv.append(evaluate(backbone, composer.compose(summed).to(backbone.device), target, dev)[target.metric])
+        origin = make_origin(backbone, length, seed).to(backbone.device)
+        random.append(evaluate(backbone, origin, target, dev)[target.metric])
+    out["tpv_zero_shot"] = sum(tpv) / len(tpv)
+    out["random_zero_shot"] = sum(random) / len(random)
+    out["zero_shot_gain"] = out["tpv_zero_shot"] - out["random_zero_shot"]
+    added = run_addition(backbone, store, spec.tasks, spec.seeds[0], source=spec.source,
+                         grid=coefficient_grid(spec.addition_step), eval_examples=spec.eval_examples,
+                         test_examples=spec.test_examples)
+    out["retention"] = added.mean_retention
+    out["addition_c"] = added.coefficient
+    return out
+
+
+def score_trial(config: dict[str, Any]) -> None:
+    """Tune trainable: `config = {"spec": ScoreSpec}`."""
+    from ray import tune
+
+    spec = ScoreSpec.model_validate(config["spec"])
+    started = time.perf_counter()
+    tune.report({"done": 1.0, "seconds": time.perf_counter() - started, **score_vectors(spec)})
+
+
+def _score_label(trial) -> str:
+    spec = trial.config.get("spec", {})
+    return f"{spec.get('recipe')}@{spec.get('steps')}".replace("/", "-")
+
+
+def rank_key(row: dict[str, Any]) -> tuple:
+    """Shows the first two claims (task dominates origin, TPV zero-shot >= random), then gap, gain, val."""
+    shows = row["gap"] > 0 and row["zero_shot_gain"] >= 0
+    return (shows, round(row["gap"], 3), round(row["zero_shot_gain"], 3), row["val"])
+
+
+def run_study(config: StudyConfig) -> dict[str, Any]:
+    from tpv.store import VectorStore
+
+    if config.target in config.tasks:
+        raise JobConfigError(f"the target {config.target!r} must be held out: it is one of the source tasks")
+    if set(config.target_seeds) & set(config.seeds):
+        raise JobConfigError("target_seeds must differ from the training seeds (the zero-shot test uses origins "
+                             "no source vector was trained from)")
+    loc = config.locations.resolved()
+    recipes = config.all_recipes()
+    key = short_hash(config.model_dump(mode="json", exclude=set(config.RUN_ONLY)))
+    tags = {name: f"tpv study {config.name}-{key}/{name}" for name in recipes}
+    specs = [
+        TrialSpec(label=f"{name}/{task}/s{seed}", train=config.train_config(overrides, task, seed),
+                  output_store=loc.store, source_tag=tags[name], snapshot_steps=config.steps,
+                  cpus=config.resources.cpus_per_trial)
+        for name, overrides in recipes.items() for task in config.tasks for seed in config.seeds
+    ]
+    run = dict(storage_path=loc.storage_path, cpus=config.resources.cpus_per_trial,
+               gpus=config.resources.gpus_per_trial, max_failures=config.max_failures,
+               max_concurrent=config.resources.max_concurrent, restore=not config.fresh, verbose=config.verbose,
+               reuse_finished=True)
+    init_ray()
+    print(f"[study] {len(recipes)} recipe(s) x {len(config.tasks)} tasks x {len(config.seeds)} origins = "
+          f"{len(specs)} runs of {max(config.steps)} steps, scored at {config.steps}", flush=True)
+    trained = run_grid(specs_space(specs), experiment=f"{config.name}-{key}-train", job="study train", **run)
+    failed = [o.error for o in trained if o.error]
+    if failed:
+        raise JobConfigError(f"{len(failed)} study run(s) failed ({failed[0]}); run the same command again to "
+                             "resume them")
+    first = specs[0].train
+    scores = [
+        ScoreSpec(recipe=name, steps=steps, source=snapshot_source(tags[name], steps), tasks=config.tasks,
+                  seeds=config.seeds, target=config.target, target_seeds=config.target_seeds, store=loc.store,
+                  backbone=first.backbone, eval_examples=config.eval_examples, test_examples=config.test_examples,
+                  addition_step=config.addition_step, cpus=config.resources.cpus_per_trial)
+        for name in recipes for steps in config.steps
+    ]
+    from ray import tune
+
+    scored = run_grid({"spec": tune.grid_search([s.model_dump(mode="json") for s in scores])},
+                      experiment=f"{config.name}-{key}-score", job="study score", trainable=score_trial,
+                      name=_score_label, **run)
+    rows = []
+    for o in scored:
+        if o.error:
+            failed.append(o.error)
+            continue
+        spec = ScoreSpec.model_validate(o.config["spec"])
+        rows.append({"recipe": spec.recipe, "steps": spec.steps, **{k: o.metrics.get(k) for k in SCORE_COLUMNS}})
+    rows.sort(key=rank_key, reverse=True)
+    store = VectorStore(loc.store)
+    n_vectors = sum(len(store.list(backbone_id_for(config.backbone), kind="task", task=t)) for t in config.tasks)
+    return summarize(config, rows, failed, Path(loc.out_dir) / config.name, n_vectors)
+
+
+SCORE_COLUMNS = ["val", "same_task", "diff_task", "same_origin", "gap", "tpv_zero_shot", "random_zero_shot",
+                 "zero_shot_gain", "retention", "addition_c", "tau_norm", "origin_norm"]
+
+
+def summarize(config: StudyConfig, rows: list[dict[str, Any]], failed: list[str], out: Path,
+              n_vectors: int) -> dict[str, Any]:
+    columns = ["recipe", "steps", *SCORE_COLUMNS]
+    best = rows[0] if rows else None
+    verdict = "no recipe scored" if best is None else (
+        f"winner: `{best['recipe']}` at {best['steps']} steps "
+        + ("(task dominates origin and TPV zero-shot >= random origin)" if rank_key(best)[0] else
+           "(NO recipe shows both claims at this budget: the best by gap is shown)"))
+    md = "\n".join([
+        f"# Recipe study `{config.name}` ({config.backbone}, preset {config.preset})", "",
+        f"sources {config.tasks} x origins {config.seeds}; held-out target `{config.target}` on origins "
+        f"{config.target_seeds}; {config.eval_examples} validation / {config.test_examples} test examples per score; "
+        "cosines are flat (the paper's measure).", "", verdict, "", markdown_table(rows, columns), "",
+        *([f"{len(failed)} scoring trial(s) failed: {failed[:3]}", ""] if failed else []),
+    ])
+    paths = {"markdown": str(atomic_write(out / "study.md", md)),
+             "csv": str(atomic_write(out / "study.csv", csv_text(rows, columns)))}
+    return {"rows": rows, "best": best, "markdown": md, "paths": paths, "failed": len(failed),
+            "vectors": n_vectors}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="tpv study",
+        description="Find the training recipe under which task prompt vectors have the paper's properties on a "
+                    "backbone: every recipe trains every source task from every origin (Ray Tune), and each "
+                    "(recipe, training length) is scored on validation metric, task-vs-origin cosine gap, "
+                    "zero-shot TPV init vs random origin on a held-out target, and addition retention.",
+        epilog="Examples:\n  tpv study --tasks rotten_tomatoes trec --target imdb --steps 30 60 120 "
+               "--grid lr=0.3,0.03,0.003 loss=lm,label\n"
+               "  tpv study --config study.yaml --backbone /models/my-llm --gpus-per-trial 0.25\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--config", help="YAML file with StudyConfig fields (recipes, grid, ...); flags override it")
+    p.add_argument("--name", help="study name (default study)")
+    p.add_argument("--tasks", nargs="+", help="source tasks (at least 2)")
+    p.add_argument("--seeds", nargs="+", type=int, help="origin seeds (at least 2; default 0 1)")
+    p.add_argument("--target", help="held-out target task of the zero-shot test")
+    p.add_argument("--target-seeds", nargs="+", type=int, help="origins of the zero-shot test (default 100)")
+    p.add_argument("--backbone", help=f"bundled name or model folder (default {DEFAULT_BACKBONE})")
+    p.add_argument("--preset", choices=list(PRESETS), help="the base recipe (default causal_cpu)")
+    p.add_argument("--grid", nargs="+", metavar="FIELD=V1,V2", help="TrainConfig field and values; every "
+                   "combination is a recipe, e.g. lr=0.3,0.03 loss=lm,label warmup_steps=0,50")
+    p.add_argument("--steps", nargs="+", type=int, help="training lengths scored (default 30 60)")
+    p.add_argument("--eval-examples", type=int, help="validation examples per score (default 64)")
+    p.add_argument("--test-examples", type=int, help="test examples per score (default 64)")
+    p.add_argument("--cpus-per-trial", type=float)
+    p.add_argument("--gpus-per-trial", type=float)
+    p.add_argument("--max-concurrent", type=int)
+    p.add_argument("--fresh", action="store_true", help="do not resume an interrupted study")
+    add_location_args(p)
+    return p
+
+
+def parse_grid(items: list[str] | None) -> dict[str, list[Any]]:
+    """`lr=0.3,0.03 loss=lm,label` -> {"lr": [0.3, 0.03], "loss": ["lm", "label"]} (values parsed as YAML)."""
+    grid: dict[str, list[Any]] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise JobConfigError(f"--grid expects FIELD=V1,V2, got {item!r}")
+        key, values = item.split("=", 1)
+        grid[key.strip()] = [parse_overrides([f"v={v}"])["v"] for v in values.split(",")]
+    return grid
+
+
+def config_from_args(args: argparse.Namespace) -> StudyConfig:
+    data = load_yaml_config(args.config)
+    for key in ("name", "tasks", "seeds", "target", "target_seeds", "backbone", "preset", "steps", "eval_examples",
+                "test_examples"):
+        if getattr(args, key, None) is not None:
+            data[key] = getattr(args, key)
+    if args.grid:
+        data["grid"] = {**data.get("grid", {}), **parse_grid(args.grid)}
+    data["resources"] = resources_from_args(args, data)
+    data["fresh"] = args.fresh or data.get("fresh", False)
+    if "tasks" not in data or "target" not in data:
+        raise JobConfigError("tpv study: give --tasks and --target (or a --config file with them)")
+    config = StudyConfig.model_validate(data)
+    config.locations = locations_from_args(args, config.locations)
+    return config
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    config = config_from_args(args)
+    if args.address or args.num_cpus:
+        init_ray(args.address, args.num_cpus)
+    result = run_study(config)
+    print_result(result)
+    return 1 if result["failed"] else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
