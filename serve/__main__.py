@@ -2,6 +2,6 @@
 
 import sys
 
-from serve.app import main
+from serve.cli import main
 
 sys.exit(main())

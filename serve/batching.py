@@ -304,7 +304,9 @@ class PromptServer:
         self.backbone = backbone
         self.store = store
         self._origins: dict[tuple[int, int], Tensor] = {}
-        self.composer = Composer(store, self._origin, max_entries=cache_max_entries, max_bytes=cache_max_bytes)
+        # ONE cache per replica: the PromptCache keeps the finished entries (prompt + prefix); the composer's own
+        # cache is switched off, else the same byte bound would be spent twice
+        self.composer = Composer(store, self._origin, max_entries=0, max_bytes=0)
         self.cache = PromptCache(cache_max_entries, cache_max_bytes)
         self._lock = threading.Lock()
         self._named: dict[tuple[str, str], CompositionSpec] = {}

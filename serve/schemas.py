@@ -1,13 +1,12 @@
-"""Pydantic models of the HTTP API (requests and responses, with examples) and of the replica's `user_config`.
+"""Pydantic models of the HTTP API (requests and responses, with examples); compositions reuse `tpv.compose`.
 
 Static bounds here are hard caps that hold whatever the config says (they keep absurd bodies out before any work);
-the configurable limits (`Limits`) are checked by the app and answered with a 422 that names the limit.
+the configurable limits (`serve.settings`) are checked by the app and answered with a 422 that names the limit.
 Non-finite numbers are refused everywhere (`allow_inf_nan=False`), including JSON's NaN/Infinity literals.
 """
 
 from __future__ import annotations
 
-import re
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -18,40 +17,17 @@ from pydantic import (
     Field,
     StringConstraints,
     Tag,
-    WithJsonSchema,
     field_validator,
     model_validator,
 )
 
-from tpv.bundled import DEFAULT_BACKBONE
+from tpv.compose import CompositionBody
+from tpv.names import Name
 
 HARD_MAX_INPUTS = 1024
 HARD_MAX_CHARS = 100_000
 HARD_MAX_LABELS = 256
-HARD_MAX_TERMS = 32  # tpv.compose.MAX_TERMS
 HARD_MAX_NEW_TOKENS = 512
-
-
-NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
-_NAME_RE = re.compile(NAME_PATTERN)
-
-
-def _plain_name(value: str) -> str:
-    if not _NAME_RE.match(value) or ".." in value:
-        raise ValueError(
-            f"invalid name {value[:80]!r}: names are plain words (letters, digits, '.', '_', '-'; no leading '.', "
-            "no '..', no path separators), never paths"
-        )
-    return value
-
-
-Name = Annotated[
-    str,
-    StringConstraints(min_length=1, max_length=128),
-    AfterValidator(_plain_name),
-    WithJsonSchema({"type": "string", "pattern": NAME_PATTERN, "maxLength": 128}),
-]
-"""A store name (task, vector id, composition, backbone): letters, digits, '.', '_', '-', no path separators."""
 
 
 def _non_blank(value: str) -> str:
@@ -89,42 +65,16 @@ _STRICT = ConfigDict(extra="forbid", allow_inf_nan=False)
 # ---- composition --------------------------------------------------------------------------------------------------
 
 
-class Term(BaseModel):
-    """One input of a composition: a stored vector by id, or a task (the mean of that task's stored vectors)."""
+class InlineComposition(CompositionBody):
+    """A `tpv.compose.CompositionBody` plus what only HTTP needs: the origin seed (the backbone is the served one,
+    the prompt length is the one the named vectors share)."""
 
-    model_config = _STRICT
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"terms": [{"task": "rotten_tomatoes", "weight": 0.7}, {"task": "tweets", "weight": 0.3}],
+         "origin_seed": 0, "method": "weighted"},
+    ]})
 
-    task: Name | None = Field(None, examples=["rotten_tomatoes"])
-    vector_id: Name | None = Field(None, examples=["rotten_tomatoes-s0-0123456789ab"])
-    weight: float = Field(1.0, ge=-1000.0, le=1000.0, description="finite; the config's limits.max_abs_weight applies")
-
-    @model_validator(mode="after")
-    def _exactly_one(self) -> Term:
-        if (self.task is None) == (self.vector_id is None):
-            raise ValueError("a term names exactly one of 'task' or 'vector_id'")
-        return self
-
-
-class InlineComposition(BaseModel):
-    """prompt = origin(prompt_length, origin_seed) + coefficient * merge(method, [tau_i], [w_i], **params)."""
-
-    model_config = ConfigDict(
-        extra="forbid", allow_inf_nan=False,
-        json_schema_extra={"examples": [
-            {"terms": [{"task": "rotten_tomatoes", "weight": 0.7}, {"task": "tweets", "weight": 0.3}],
-             "origin_seed": 0, "method": "weighted"},
-        ]},
-    )
-
-    terms: list[Term] = Field(min_length=1, max_length=HARD_MAX_TERMS)
     origin_seed: int = Field(0, ge=0, lt=2**31)
-    prompt_length: int | None = Field(
-        None, gt=0, le=4096, description="rows of the soft prompt; inferred from the stored vectors when omitted"
-    )
-    method: Name = Field("weighted", description="a tpv.merge method: sum, weighted, negate, mean, ties, dare")
-    coefficient: float = Field(1.0, ge=-1000.0, le=1000.0)
-    params: dict[Name, float | int | bool] = Field(default_factory=dict, max_length=16,
-                                                    description="the merge method's own parameters")
     backbone_id: Name | None = Field(None, description="if given, must be the served backbone")
 
 
@@ -275,68 +225,27 @@ class VectorsResponse(BaseModel):
 
 
 class HealthResponse(BaseModel):
+    """What one model replica serves; no server paths, process ids or settings."""
+
     status: Literal["ok"]
     backbone_id: str
     is_seq2seq: bool
-    device: str
-    store_uri: str
     store_version: str
     reloads: int
-    pid: int
-    replica: str
-    settings: dict[str, Any]
+    replica: str = Field(description="the model replica that answered")
+    auth: Literal["keys", "open"]
     prompt_cache: dict[str, int]
     batching: dict[str, Any]
 
 
 class ErrorResponse(BaseModel):
-    """Every error: a short kind, a message that says what was wrong and what is accepted."""
+    """Every error, from validation to a lost model replica: a short kind and a message saying what was wrong and
+    what is accepted (never a server path); `errors` lists the fields of a validation error."""
 
     model_config = ConfigDict(json_schema_extra={"examples": [
-        {"error": "not_found", "detail": "no vectors for task 'sst9' on backbone 'smollm2-135m-instruct'; "
-                                         "tasks stored: ['rotten_tomatoes', 'tweets']"},
+        {"error": "not_found", "detail": "no task vectors for task 'sst9' on backbone 'smollm2-135m-instruct'"},
     ]})
 
     error: str
     detail: str
     errors: list[dict[str, Any]] | None = None
-
-
-# ---- replica configuration (Serve user_config) --------------------------------------------------------------------
-
-
-class Limits(BaseModel):
-    """Per-request bounds; anything over them is answered 422 (413 for the body size) and never reaches the model."""
-
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-
-    max_inputs: int = Field(64, ge=1, le=HARD_MAX_INPUTS)
-    max_input_chars: int = Field(4000, ge=1, le=HARD_MAX_CHARS, description="per text field, before the template")
-    max_input_tokens: int = Field(256, ge=8, le=8192, description="per rendered input (template filled)")
-    max_labels: int = Field(32, ge=2, le=HARD_MAX_LABELS)
-    max_label_chars: int = Field(100, ge=1, le=1000)
-    max_terms: int = Field(16, ge=1, le=HARD_MAX_TERMS, description="vectors in one composition")
-    max_abs_weight: float = Field(10.0, gt=0, le=1000.0, description="bound on every |weight| and |coefficient|")
-    max_prompt_length: int = Field(512, ge=1, le=4096)
-    max_new_tokens: int = Field(64, ge=1, le=HARD_MAX_NEW_TOKENS)
-    max_body_bytes: int = Field(2_000_000, ge=1024)
-
-
-class ServeSettings(BaseModel):
-    """The deployment's `user_config`: changing it in the Serve config is a lightweight update (`reconfigure`);
-    only a change of backbone/device/dtype/max_input_tokens reloads the model."""
-
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-
-    store_uri: str | None = Field(None, description="vector store folder or pyarrow URI; default $TPV_STORE or "
-                                                     "$TPV_HOME/store")
-    backbone: str = Field(DEFAULT_BACKBONE, description="bundled name or local from_pretrained folder")
-    device: str | None = Field(None, description="cpu, cuda, cuda:0...; default cuda when the replica has a GPU")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    max_batch_size: int = Field(32, ge=1, le=4096, description="rows (inputs) per forward pass")
-    batch_wait_timeout_s: float = Field(0.01, ge=0.0, le=10.0)
-    reload_interval_s: float = Field(2.0, ge=0.0, le=3600.0, description="store polling period (the reload window)")
-    cache_max_entries: int = Field(256, ge=0)
-    cache_max_bytes: int = Field(1 << 30, ge=0)
-    torch_threads: int | None = Field(None, ge=1, le=256, description="default: the replica's num_cpus")
-    limits: Limits = Field(default_factory=Limits)

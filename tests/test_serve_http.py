@@ -27,14 +27,14 @@ RELOAD_S = 0.5
 APP = "tpv-http-test"
 TEXTS = ["the movie was great and the acting was wonderful", "the film was terrible and boring, a waste of time",
          "what is the capital of france?", "business sport politics tech"]
-LIMITS = {"max_inputs": 8, "max_input_chars": 1000, "max_input_tokens": 64, "max_labels": 8, "max_label_chars": 40,
-          "max_terms": 4, "max_abs_weight": 10.0, "max_prompt_length": 64, "max_new_tokens": 8,
-          "max_body_bytes": 200_000}
+LIMITS = {"max_inputs": 8, "max_input_chars": 1000, "max_labels": 8, "max_label_chars": 40, "max_terms": 4,
+          "max_abs_weight": 10.0, "max_new_tokens": 8, "max_body_bytes": 200_000}
 
 
-def _vector(task: str, bb: Backbone, seed: int, vector_id: str | None = None, backbone_id: str | None = None):
+def _vector(task: str, bb: Backbone, seed: int, vector_id: str | None = None, backbone_id: str | None = None,
+            origin_seed: int = 0):
     g = torch.Generator().manual_seed(seed)
-    return TaskPromptVector.create(torch.randn(L, bb.hidden_size, generator=g) * 0.5, task=task, origin_seed=0,
+    return TaskPromptVector.create(torch.randn(L, bb.hidden_size, generator=g) * 0.5, task=task, origin_seed=origin_seed,
                                    backbone_id=backbone_id or bb.backbone_id, vector_id=vector_id)
 
 
@@ -53,7 +53,7 @@ def backbone(tiny_causal_path) -> Backbone:
 def store(tmp_path_factory, backbone) -> VectorStore:
     store = VectorStore(tmp_path_factory.mktemp("serve-store"))
     for seed in range(2):
-        store.put(_vector("rotten_tomatoes", backbone, seed))
+        store.put(_vector("rotten_tomatoes", backbone, seed, origin_seed=seed))  # one vector per origin seed
     store.put(_vector("presuppositions_nli", backbone, 10))
     store.put(_vector("trec", backbone, 20, vector_id="trec-v1"))
     store.put(_vector("alien", backbone, 30, vector_id="alien-v1", backbone_id="other-backbone"))
@@ -63,17 +63,22 @@ def store(tmp_path_factory, backbone) -> VectorStore:
     return store
 
 
-def _config(store, model_path, **limits) -> dict:
+def _model_config(store, model_path) -> dict:
     return {"store_uri": store.uri, "backbone": str(model_path), "device": "cpu", "max_batch_size": 16,
             "batch_wait_timeout_s": 0.1, "reload_interval_s": RELOAD_S, "torch_threads": 1,
-            "limits": {**LIMITS, **limits}}
+            "max_input_tokens": 64, "max_prompt_length": 64}
 
 
-def _app(store, model_path, **limits):
-    from serve.app import TPVServer
+def _ingress_config(**limits) -> dict:
+    return {"limits": {**LIMITS, **limits}, "request_timeout_s": 30.0}
 
-    config = _config(store, model_path, **limits)
-    return TPVServer.options(user_config=config, ray_actor_options={"num_cpus": 1}, num_replicas=1).bind()
+
+def _app(store, model_path):
+    from serve.app import build
+
+    return build({"user_config": _model_config(store, model_path), "ray_actor_options": {"num_cpus": 1},
+                  "num_replicas": 1},
+                 {"user_config": _ingress_config(), "ray_actor_options": {"num_cpus": 0}})
 
 
 @pytest.fixture(scope="module")
@@ -194,7 +199,8 @@ def test_vectors_health_and_openapi(url, backbone):
     only = requests.get(f"{url}/v1/vectors", params={"task": "trec"}, timeout=10).json()
     assert [x["vector_id"] for x in only["vectors"]] == ["trec-v1"]
     h = requests.get(f"{url}/v1/health", timeout=10).json()
-    assert h["status"] == "ok" and h["settings"]["reload_interval_s"] == RELOAD_S
+    assert h["status"] == "ok" and h["backbone_id"] == backbone.backbone_id and h["auth"] == "open"
+    assert not {"pid", "store_uri", "settings"} & set(h) and "/tmp" not in json.dumps(h)  # no paths, no pid
     assert requests.get(f"{url}/docs", timeout=10).status_code == 200
     spec = requests.get(f"{url}/openapi.json", timeout=10).json()
     assert {"/v1/classify", "/v1/generate", "/v1/vectors", "/v1/health"} <= set(spec["paths"])
@@ -264,10 +270,10 @@ BAD = [  # (case, path, body (dict, or raw str), expected status, words the mess
     ("coefficient over limit", "/v1/classify", {**OK, "composition": _comp(coefficient=-99)}, 422, "coefficient"),
     ("too many vectors", "/v1/classify", {**OK, "composition": {"terms": [{"task": "rotten_tomatoes"}] * 5}}, 422,
      "limit is 4"),
-    ("unknown task term", "/v1/classify", {**OK, "composition": {"terms": [{"task": "nope"}]}}, 404, "rotten_tomatoes"),
-    ("unknown vector", "/v1/classify", {**OK, "composition": {"terms": [{"vector_id": "nope-v"}]}}, 404, "trec-v1"),
-    ("unknown label task", "/v1/classify", {**OK, "task": "nope"}, 404, "rotten_tomatoes"),
-    ("unknown composition", "/v1/classify", {**OK, "composition": "nope"}, 404, "mix"),
+    ("unknown task term", "/v1/classify", {**OK, "composition": {"terms": [{"task": "nope"}]}}, 404, "'nope'"),
+    ("unknown vector", "/v1/classify", {**OK, "composition": {"terms": [{"vector_id": "nope-v"}]}}, 404, "nope-v"),
+    ("unknown label task", "/v1/classify", {**OK, "task": "nope"}, 404, "unknown task 'nope'"),
+    ("unknown composition", "/v1/classify", {**OK, "composition": "nope"}, 404, "no stored composition 'nope'"),
     ("backbone mismatch inline", "/v1/classify", {**OK, "composition": _comp(backbone_id="other-backbone")}, 422,
      "backbone mismatch"),
     ("vector of another backbone", "/v1/classify", {**OK, "composition": {"terms": [{"vector_id": "alien-v1"}]}}, 422,
@@ -276,6 +282,8 @@ BAD = [  # (case, path, body (dict, or raw str), expected status, words the mess
     ("blank input", "/v1/classify", {**OK, "inputs": ["   "]}, 422, "empty"),
     ("too many inputs", "/v1/classify", {**OK, "inputs": ["a"] * 9}, 422, "limit is 8"),
     ("input too long (chars)", "/v1/classify", {**OK, "inputs": ["a" * 1001]}, 422, "1000"),
+    ("template repeats the input past the limit", "/v1/classify",
+     {**OK, "inputs": ["a" * 100], "template": "{text}" * 11}, 422, "template filled"),
     ("input too long (tokens)", "/v1/classify", {**OK, "inputs": ["the movie was great " * 30]}, 422, "tokens"),
     ("path-like task", "/v1/classify", {**OK, "composition": {"terms": [{"task": "../etc"}]}}, 422, "path"),
     ("path-like vector", "/v1/classify", {**OK, "composition": {"terms": [{"vector_id": "a/b"}]}}, 422, "path"),
@@ -289,7 +297,8 @@ BAD = [  # (case, path, body (dict, or raw str), expected status, words the mess
     ("too many labels", "/v1/classify", {**OK, "labels": [f"l{i}" for i in range(9)]}, 422, "limit is 8"),
     ("pair for one-field template", "/v1/classify", {**OK, "inputs": [["a", "b"]]}, 422, "template"),
     ("bad template", "/v1/classify", {**OK, "template": "{text.__class__}"}, 422, "template"),
-    ("wrong prompt length", "/v1/classify", {**OK, "composition": _comp(prompt_length=9)}, 422, "prompt_length"),
+    ("prompt length is the vectors' own", "/v1/classify", {**OK, "composition": _comp(prompt_length=9)}, 422,
+     "prompt_length"),
     ("negative seed", "/v1/classify", {**OK, "composition": _comp(origin_seed=-1)}, 422, "origin_seed"),
     ("extra field", "/v1/classify", {**OK, "surprise": 1}, 422, "surprise"),
     ("wrong type", "/v1/classify", {**OK, "inputs": 5}, 422, "inputs"),
@@ -302,8 +311,11 @@ BAD = [  # (case, path, body (dict, or raw str), expected status, words the mess
 ]
 
 
+STORED = ("rotten_tomatoes", "presuppositions_nli", "trec-v1", "mix", "alien-v1")
+
+
 @pytest.mark.parametrize("case,path,body,status,words", BAD, ids=[b[0] for b in BAD])
-def test_bad_input_is_a_4xx_with_a_clear_message(url, case, path, body, status, words):
+def test_bad_input_is_a_4xx_with_a_clear_message(url, store, case, path, body, status, words):
     if body is None:
         r = requests.get(f"{url}{path}", timeout=30)
     else:
@@ -311,31 +323,37 @@ def test_bad_input_is_a_4xx_with_a_clear_message(url, case, path, body, status, 
         r = requests.post(f"{url}{path}", data=data, headers={"content-type": "application/json"}, timeout=30)
     assert r.status_code == status, r.text
     err = r.json()
+    assert set(err) <= {"error", "detail", "errors"}, err
     assert err["error"] and words.lower() in err["detail"].lower(), err
+    assert store.root not in r.text and "/tmp" not in r.text, r.text  # no server path in any error
+    if status == 404:  # an unknown name is named; what the store holds is not listed
+        asked = str(body)
+        assert not [n for n in STORED if n in err["detail"] and n not in asked], err
 
 
-def test_replica_survives_bad_input(url):
-    pid = requests.get(f"{url}/v1/health", timeout=10).json()["pid"]
-    for _case, path, body, _status, _ in BAD[:12]:
+def test_model_replica_survives_bad_input(url):
+    replica = requests.get(f"{url}/v1/health", timeout=10).json()["replica"]
+    for _case, path, body, _status, _ in BAD[:14]:
         data = body if isinstance(body, str) else json.dumps(body)
         requests.post(f"{url}{path}", data=data, headers={"content-type": "application/json"}, timeout=30)
     assert _classify(url, OK)["results"][0]["label"] in ("negative", "positive")
-    assert requests.get(f"{url}/v1/health", timeout=10).json()["pid"] == pid  # same process: never restarted
+    assert requests.get(f"{url}/v1/health", timeout=10).json()["replica"] == replica  # never restarted
 
 
-def test_reconfigure_applies_user_config_without_restart(url, store, tiny_causal_path):
-    """reconfigure(user_config) on the running replica (what Serve calls on a lightweight config update): a new
-    limit applies at once, same process, model kept."""
+def test_reconfigure_applies_user_config_without_restart(url):
+    """reconfigure(user_config) on the running ingress (what Serve calls on a lightweight config update): a new
+    limit applies at once; the model replica is the same."""
     from ray import serve
 
-    pid = requests.get(f"{url}/v1/health", timeout=10).json()["pid"]
+    replica = requests.get(f"{url}/v1/health", timeout=10).json()["replica"]
     three = {**OK, "inputs": ["a", "b", "c"]}
     assert len(_classify(url, three)["results"]) == 3
-    handle = serve.get_app_handle(APP)
-    handle.reconfigure.remote(_config(store, tiny_causal_path, max_inputs=2)).result()
-    r = requests.post(f"{url}/v1/classify", json=three, timeout=30)
-    assert r.status_code == 422 and "limit is 2" in r.json()["detail"]
-    health = requests.get(f"{url}/v1/health", timeout=10).json()
-    assert health["pid"] == pid and health["settings"]["limits"]["max_inputs"] == 2
-    handle.reconfigure.remote(_config(store, tiny_causal_path)).result()
+    ingress = serve.get_deployment_handle("TPVIngress", APP)
+    ingress.reconfigure.remote(_ingress_config(max_inputs=2)).result()
+    try:
+        r = requests.post(f"{url}/v1/classify", json=three, timeout=30)
+        assert r.status_code == 422 and "limit is 2" in r.json()["detail"]
+        assert requests.get(f"{url}/v1/health", timeout=10).json()["replica"] == replica
+    finally:
+        ingress.reconfigure.remote(_ingress_config()).result()
     assert len(_classify(url, three)["results"]) == 3

@@ -1,0 +1,41 @@
+"""The ingress's checks of a parsed request against `RequestLimits` (a 422 naming the limit), before any model work."""
+
+from __future__ import annotations
+
+from serve.schemas import ClassifyRequest, GenerateRequest, InlineComposition
+from serve.settings import RequestLimits
+from tpv.errors import InvalidInput
+
+
+class LimitExceeded(InvalidInput):
+    """A request over one of the configured limits."""
+
+
+def check_composition(ref: InlineComposition | str, limits: RequestLimits) -> None:
+    if isinstance(ref, str):
+        return
+    if len(ref.terms) > limits.max_terms:
+        raise LimitExceeded(f"the composition has {len(ref.terms)} terms; the limit is {limits.max_terms}")
+    for i, term in enumerate(ref.terms):
+        if abs(term.weight) > limits.max_abs_weight:
+            raise LimitExceeded(f"terms[{i}].weight = {term.weight} is outside +-{limits.max_abs_weight}")
+    if abs(ref.coefficient) > limits.max_abs_weight:
+        raise LimitExceeded(f"coefficient = {ref.coefficient} is outside +-{limits.max_abs_weight}")
+
+
+def check_request(req: ClassifyRequest | GenerateRequest, limits: RequestLimits) -> None:
+    if len(req.inputs) > limits.max_inputs:
+        raise LimitExceeded(f"{len(req.inputs)} inputs; the limit is {limits.max_inputs}")
+    check_composition(req.composition, limits)
+    if isinstance(req, GenerateRequest) and req.max_new_tokens is not None:
+        if req.max_new_tokens > limits.max_new_tokens:
+            raise LimitExceeded(f"max_new_tokens {req.max_new_tokens} is over the limit {limits.max_new_tokens}")
+
+
+def check_labels(labels: list[str], limits: RequestLimits) -> None:
+    if len(labels) > limits.max_labels:
+        raise LimitExceeded(f"{len(labels)} labels; the limit is {limits.max_labels}")
+    long = [x for x in labels if len(x) > limits.max_label_chars]
+    if long:
+        raise LimitExceeded(f"label {long[0][:40]!r}... is {len(long[0])} characters; the limit is "
+                            f"{limits.max_label_chars}")

@@ -1,0 +1,237 @@
+"""The model deployment: one frozen backbone, the store, the prompt cache, and `@serve.batch` across compositions.
+
+Called only through a DeploymentHandle by the ingress. Every request's composition is resolved (validated, its
+prompt length read from the metadata of the vectors it names only, composed, prefix computed) once per store
+version; `@serve.batch` then gathers concurrent requests, whatever their compositions, into one forward pass.
+All store, tokenizer and torch work runs on one worker thread, so the event loop keeps taking and batching
+requests and answers `info()` (the health check) at once.
+"""
+
+# no `from __future__ import annotations`: Serve inspects the deployment's signatures
+import asyncio
+import copy
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import torch
+from ray import serve
+
+from serve.batching import GenerateItem, PromptEntry, PromptServer, ScoreItem, generate_batch, score_batch
+from serve.limits import LimitExceeded
+from serve.jobs import GenerateJob, GenerateResult, ScoreJob, ScoreResult
+from serve.schemas import InlineComposition
+from serve.settings import ModelSettings
+from tpv.backbone import Backbone, BackboneConfig
+from tpv.compose import CompositionBody, CompositionSpec, prompt_length_of
+from tpv.errors import InvalidInput, NotFoundError, Unavailable
+from tpv.paths import default_store
+from tpv.store import NotFound, VectorStore
+from tpv.vectors import VectorMeta
+
+logger = logging.getLogger("ray.serve")
+
+
+class BackboneMismatch(InvalidInput):
+    """An inline composition made for another backbone."""
+
+
+class NotReady(Unavailable):
+    """The replica has not loaded its backbone yet."""
+
+
+def _rows(items: list) -> int:
+    """Batch size in rows (inputs), not requests: `max_batch_size` bounds the forward pass."""
+    return sum(item.rows for item in items)
+
+
+@serve.deployment(
+    name="TPVModel",
+    max_ongoing_requests=64,
+    ray_actor_options={"num_cpus": 1},
+    user_config=ModelSettings().model_dump(mode="json"),
+    health_check_period_s=10,
+)
+class TPVModel:
+    """One replica: the backbone loaded once, the store polled, requests batched across compositions."""
+
+    def __init__(self) -> None:
+        self.settings: ModelSettings | None = None
+        self.server: PromptServer | None = None
+        self._model_key: tuple | None = None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tpv-torch")
+        self._stats: dict[str, Any] = {"batches": 0, "requests": 0, "rows": 0, "forwards": 0,
+                                       "max_requests_in_batch": 0, "max_compositions_in_forward": 0,
+                                       "max_compositions_in_batch": 0, "batch_seconds": 0.0, "last": None}
+
+    # ---- lifecycle --------------------------------------------------------------------------------------------
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Apply `user_config` (start-up and every lightweight update): reload the model only if it changed."""
+        settings = ModelSettings.model_validate(user_config or {})
+        if settings.torch_threads:
+            torch.set_num_threads(settings.torch_threads)
+        model_key = (settings.backbone, settings.device, settings.dtype, settings.max_input_tokens)
+        backbone = self.server.backbone if self.server is not None and model_key == self._model_key else None
+        if backbone is None:
+            t0 = time.perf_counter()
+            backbone = Backbone.load(BackboneConfig(
+                model=settings.backbone, device=settings.device, dtype=settings.dtype,
+                max_source_tokens=settings.max_input_tokens,
+            ))
+            logger.info("tpv: loaded %s on %s in %.1fs", backbone.backbone_id, backbone.device,
+                        time.perf_counter() - t0)
+        store_uri = settings.store_uri or default_store()
+        cache = dict(reload_interval_s=settings.reload_interval_s, cache_max_entries=settings.cache_max_entries,
+                     cache_max_bytes=settings.cache_max_bytes)
+        if self.server is not None and self.server.backbone is backbone and self.server.store.uri == store_uri:
+            self.server.configure(**cache)
+            self.server.version(force=True)  # a reconfigure is also a reload of the store
+        else:
+            self.server = PromptServer(backbone, VectorStore(store_uri), **cache)
+        self._model_key = model_key
+        for batch in (self._score_batch, self._generate_batch):
+            batch.set_max_batch_size(settings.max_batch_size)
+            batch.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
+        self.settings = settings
+
+    def check_health(self) -> None:
+        if self.server is None:
+            raise RuntimeError("the backbone is not loaded")
+
+    def _ready(self) -> tuple[PromptServer, ModelSettings]:
+        if self.server is None or self.settings is None:
+            raise NotReady("the model replica has not loaded its backbone yet")
+        return self.server, self.settings
+
+    async def _run(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    # ---- job -> spec and entry (worker thread) -------------------------------------------------------------------
+
+    def _spec(self, ref: InlineComposition | str) -> CompositionSpec:
+        server, settings = self._ready()
+        bb = server.backbone.backbone_id
+        if isinstance(ref, str):
+            try:
+                return server.named(ref)
+            except NotFoundError:  # the store's message lists what it holds: not for clients
+                raise NotFound(f"no stored composition {ref!r} for backbone {bb!r}") from None
+        if ref.backbone_id is not None and ref.backbone_id != bb:
+            raise BackboneMismatch(f"backbone mismatch: the composition is for {ref.backbone_id!r}, this server runs "
+                                   f"{bb!r}")
+        body = CompositionBody.model_validate(ref.model_dump(exclude={"origin_seed", "backbone_id"}))
+        length = prompt_length_of(server.store, bb, body)
+        if length > settings.max_prompt_length:
+            raise LimitExceeded(f"prompt_length {length} is over the limit {settings.max_prompt_length}")
+        return body.applied(bb, ref.origin_seed, length)
+
+    def _check_tokens(self, sources: list[str]) -> None:
+        server, settings = self._ready()
+        tok = server.backbone.tokenizer
+        lengths = [len(ids) for ids in tok(sources, add_special_tokens=server.backbone.is_seq2seq)["input_ids"]]
+        for i, n in enumerate(lengths):
+            if n > settings.max_input_tokens:
+                raise LimitExceeded(f"inputs[{i}] is {n} tokens with the template; the limit is "
+                                    f"{settings.max_input_tokens}")
+
+    def _prepare(self, ref: InlineComposition | str, sources: list[str]) -> tuple[CompositionSpec, PromptEntry]:
+        spec = self._spec(ref)
+        self._check_tokens(sources)
+        server, _ = self._ready()
+        return spec, server.entry(spec)
+
+    def _chunks(self, item_type, entry: PromptEntry, sources: list[str], *extra) -> list:
+        size = self._ready()[1].max_batch_size
+        return [item_type(entry, sources[i : i + size], *extra) for i in range(0, len(sources), size)]
+
+    # ---- batches ------------------------------------------------------------------------------------------------
+
+    def _record(self, report) -> None:
+        s = self._stats
+        s["batches"] += 1
+        s["requests"] += report.requests
+        s["rows"] += report.rows
+        s["forwards"] += report.forwards
+        s["batch_seconds"] += report.seconds
+        s["max_requests_in_batch"] = max(s["max_requests_in_batch"], report.requests)
+        s["max_compositions_in_batch"] = max(s["max_compositions_in_batch"], report.compositions)
+        in_forward = max((g.get("compositions", 1) for g in report.groups), default=0)
+        s["max_compositions_in_forward"] = max(s["max_compositions_in_forward"], in_forward)
+        s["last"] = {"requests": report.requests, "rows": report.rows, "compositions": report.compositions,
+                     "forwards": report.forwards, "seconds": round(report.seconds, 4), "groups": report.groups}
+
+    async def _isolated(self, fn, items: list) -> list:
+        """Run a batch; if it fails, run each request alone so one bad request cannot fail the others."""
+        server, _ = self._ready()
+        try:
+            results, report = await self._run(fn, server.backbone, items)
+            self._record(report)
+            return results
+        except Exception as exc:  # noqa: BLE001 - reported per request below
+            if len(items) == 1:
+                return [exc]
+        out = []
+        for item in items:
+            try:
+                results, report = await self._run(fn, server.backbone, [item])
+                self._record(report)
+                out.append(results[0])
+            except Exception as exc:  # noqa: BLE001
+                out.append(exc)
+        return out
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01, batch_size_fn=_rows)
+    async def _score_batch(self, items: list[ScoreItem]) -> list:
+        return await self._isolated(score_batch, items)
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01, batch_size_fn=_rows)
+    async def _generate_batch(self, items: list[GenerateItem]) -> list:
+        return await self._isolated(generate_batch, items)
+
+    @staticmethod
+    async def _gather(batch_fn, items: list) -> list:
+        results = await asyncio.gather(*(batch_fn(item) for item in items))
+        for r in results:
+            if isinstance(r, Exception):
+                raise r
+        return results
+
+    # ---- what the ingress calls ---------------------------------------------------------------------------------
+
+    async def score(self, job: ScoreJob) -> ScoreResult:
+        """Label log-likelihoods of every source under the job's composition."""
+        spec, entry = await self._run(self._prepare, job.composition, job.sources)
+        parts = await self._gather(self._score_batch, self._chunks(ScoreItem, entry, job.sources, tuple(job.labels)))
+        scores = torch.cat(parts)
+        return ScoreResult(composition=spec.model_dump(mode="json"), log_likelihoods=scores.tolist())
+
+    async def generate(self, job: GenerateJob) -> GenerateResult:
+        """Greedy continuations of every source after the job's composed prompt."""
+        spec, entry = await self._run(self._prepare, job.composition, job.sources)
+        parts = await self._gather(self._generate_batch,
+                                   self._chunks(GenerateItem, entry, job.sources, job.max_new_tokens))
+        return GenerateResult(composition=spec.model_dump(mode="json"), texts=[t for p in parts for t in p])
+
+    def _listing(self) -> tuple[str, list[VectorMeta], list[str]]:
+        server, _ = self._ready()
+        return server.version(), server.metas(), server.store.list_compositions(server.backbone.backbone_id)
+
+    async def vectors(self) -> dict[str, Any]:
+        """The served backbone's vectors and named compositions (metadata only)."""
+        version, metas, compositions = await self._run(self._listing)
+        server, _ = self._ready()
+        return {"backbone_id": server.backbone.backbone_id, "store_version": version, "metas": metas,
+                "compositions": compositions}
+
+    async def info(self) -> dict[str, Any]:
+        """What this replica serves, answered from memory (no store or model work): the health check's body."""
+        server, _ = self._ready()
+        try:
+            replica = str(serve.get_replica_context().replica_id.unique_id)
+        except Exception:  # noqa: BLE001 - outside a replica
+            replica = "local"
+        return {"backbone_id": server.backbone.backbone_id, "is_seq2seq": server.backbone.is_seq2seq,
+                "store_version": server.watcher.version, "reloads": server.watcher.reloads, "replica": replica,
+                "prompt_cache": server.cache.info(), "batching": copy.deepcopy(self._stats)}
