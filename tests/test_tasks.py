@@ -56,7 +56,7 @@ def test_unknown_task_and_missing_data_errors():
         T.get_task("nope")
     with pytest.raises(T.TaskDataMissing, match="tpv data fetch --task trec"):
         T.load_split("trec", "train")
-    with pytest.raises(ValueError, match="split must be one of"):
+    with pytest.raises(T.BadSplitRequest, match="split must be one of"):
         T.load_split("trec", "dev")
 
 
@@ -147,7 +147,7 @@ def test_few_shot_counts_and_seed():
     assert shots != T.few_shot(examples, 5, seed=1)
     regression = [T.Example(source=f"s{i}", target="1.0", label=float(i)) for i in range(30)]
     assert len(T.few_shot(regression, 8, seed=0)) == 8
-    with pytest.raises(ValueError):
+    with pytest.raises(T.BadSplitRequest, match="k_per_class"):
         T.few_shot(examples, 0)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from tpv.peft_io import PeftAdapterError, export_peft, import_peft, read_peft_pr
 from tpv.prompt import make_origin
 from tpv.store import VectorStore
 from tpv.tasks import get_task, load_split, register_task_file
-from tpv.train import InitSpec, TrainCheckpoint, TrainConfig, train
+from tpv.train import InitSpec, TrainCheckpoint, TrainConfig, _batches, steps_per_epoch, train, training_examples
 
 POS = ["the movie was great", "wonderful acting and a great story", "great fun", "the acting was wonderful"]
 NEG = ["terrible and boring", "a waste of time", "the film was boring", "terrible acting, a waste"]
@@ -90,6 +91,51 @@ def test_few_shot_and_early_stopping(task, causal):
     # at lr 1e-12 the prompt cannot move, so no evaluation improves on the first
     result = train(config(task, causal, shots=2, patience=2, eval_every=2, max_steps=40, lr=1e-12), causal)
     assert result.steps == 6 and result.metrics["early_stopped"] == 1.0 and result.metrics["best_step"] == 2.0
+
+
+def test_few_shot_draws_k_per_class_before_the_subsample(tmp_path):
+    """2 positives among 62 rows: a 5-row subsample first would almost never keep both."""
+    rows = [{"text": f"{NEG[i % 4]} {i}", "label": "negative"} for i in range(60)]
+    rows += [{"text": t, "label": "positive"} for t in POS[:2]]
+    data = tmp_path / "rare.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    (tmp_path / "rare.yaml").write_text(
+        "name: tiny_rare\ntemplate: 'review: {text} sentiment:'\nlabels: [negative, positive]\nmetric: accuracy\n"
+        "data:\n  splits: {train: rare.jsonl, validation: rare.jsonl, test: rare.jsonl}\n"
+    )
+    name = register_task_file(tmp_path / "rare.yaml", overwrite=True).name
+    for seed in range(3):
+        shots = training_examples(TrainConfig(task=name, shots=2, max_train_examples=5, data_seed=seed))
+        assert Counter(e.label for e in shots) == {0: 2, 1: 2}
+    assert len(training_examples(TrainConfig(task=name, max_train_examples=5))) == 5
+
+
+def test_an_epoch_is_one_pass_and_a_resumed_stream_is_the_same():
+    n, size = 32, 5
+    assert steps_per_epoch(n, size) == 7 and steps_per_epoch(3, 8) == 1 and steps_per_epoch(40, 5) == 8
+    stream = _batches(n, size, seed=3, start_step=0)
+    batches = [next(stream) for _ in range(3 * 7)]
+    for epoch in range(3):  # every example exactly once per epoch, the last batch short
+        seen = [i for batch in batches[7 * epoch : 7 * epoch + 7] for i in batch]
+        assert sorted(seen) == list(range(n)) and len(batches[7 * epoch + 6]) == 2
+    for start in range(len(batches)):
+        resumed = _batches(n, size, seed=3, start_step=start)
+        assert [next(resumed) for _ in range(len(batches) - start)] == batches[start:]
+
+
+def test_epochs_count_the_same_steps_and_resume_across_a_short_batch(task, causal, tmp_path):
+    cfg = config(task, causal, batch_size=5, max_steps=None, epochs=2, eval_every=5)  # 32 examples: 7 steps an epoch
+    saved = {}
+
+    def keep(step, metrics, checkpoint):
+        if step == 5:
+            checkpoint.save(tmp_path / "ckpt")
+            saved["step"] = step
+
+    full = train(cfg, causal, callback=keep)
+    assert full.steps == 14 and saved == {"step": 5}
+    resumed = train(cfg, causal, resume=TrainCheckpoint.load(tmp_path / "ckpt"))
+    torch.testing.assert_close(resumed.tuned, full.tuned, atol=1e-6, rtol=1e-5)
 
 
 def test_init_from_stored_vectors(task, causal, tmp_path):

@@ -26,7 +26,7 @@ from tpv.errors import InvalidInput
 from tpv.evaluate import evaluate
 from tpv.prompt import SoftPrompt, make_origin
 from tpv.store import VectorStore
-from tpv.tasks import Example, few_shot, get_task, load_split
+from tpv.tasks import Example, TaskConfigError, few_shot, get_task, load_split
 from tpv.vectors import TaskPromptVector
 
 
@@ -193,11 +193,14 @@ def initial_prompt(config: TrainConfig, backbone: Backbone, origin: Tensor, stor
 
 
 def training_examples(config: TrainConfig) -> list[Example]:
-    examples = load_split(config.task, "train", limit=config.max_train_examples, seed=config.data_seed)
+    """The run's training set. Few-shot draws `shots` per class from the WHOLE train split (subsampling first could
+    leave a rare class short of k); `max_train_examples` subsamples full-data runs only."""
     if config.shots:
-        examples = few_shot(examples, config.shots, seed=config.data_seed)
+        examples = few_shot(load_split(config.task, "train"), config.shots, seed=config.data_seed)
+    else:
+        examples = load_split(config.task, "train", limit=config.max_train_examples, seed=config.data_seed)
     if not examples:
-        raise ValueError(f"task {config.task!r} has no training examples")
+        raise TaskConfigError(f"task {config.task!r} has no training examples")
     return examples
 
 
@@ -218,9 +221,14 @@ def _schedule(config: TrainConfig, backbone: Backbone, total: int) -> Callable[[
     return factor
 
 
+def steps_per_epoch(n: int, batch_size: int) -> int:
+    """One epoch sees every example once: ceil(n / batch_size) batches, the last one short when n % batch_size."""
+    return max(1, math.ceil(n / batch_size))
+
+
 def _batches(n: int, batch_size: int, seed: int, start_step: int):
     """Seeded epoch permutations as an endless stream of index batches, starting at `start_step`."""
-    per_epoch = max(1, n // batch_size) if n >= batch_size else 1
+    per_epoch = steps_per_epoch(n, batch_size)
     step = start_step
     while True:
         epoch, offset = divmod(step, per_epoch)
@@ -245,8 +253,7 @@ def train(
     origin = make_origin(backbone, length, config.seed)
     prompt = SoftPrompt(resume.prompt if resume else initial_prompt(config, backbone, origin, store)).to(backbone.device)
     optimizer = torch.optim.AdamW(prompt.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    epoch_steps = math.ceil(len(train_set) / config.batch_size)
-    total = config.max_steps or max(1, math.ceil(config.epochs * epoch_steps))
+    total = config.max_steps or max(1, math.ceil(config.epochs * steps_per_epoch(len(train_set), config.batch_size)))
     factor, start = _schedule(config, backbone, total), resume.step if resume else 0
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: factor(s + start))
     state = resume or TrainCheckpoint(

@@ -17,6 +17,7 @@ Built-in tasks are split once by ``tpv data fetch`` (``tpv.data_fetch``) and rea
 
 from tpv.tasks.builtin import BUILTIN_TASKS
 from tpv.tasks.registry import (
+    BadSplitRequest,
     UnknownTaskError,
     few_shot,
     get_task,
@@ -40,7 +41,7 @@ from tpv.tasks.splits import carve, make_splits
 from tpv.tasks.user import UserTaskConfig, load_task_file
 
 __all__ = [
-    "BUILTIN_TASKS", "SPLITS", "DataSource", "Example", "Split", "SplitProtocol", "TaskConfigError",
+    "BUILTIN_TASKS", "SPLITS", "BadSplitRequest", "DataSource", "Example", "Split", "SplitProtocol", "TaskConfigError",
     "TaskDataMissing", "TaskSpec", "UnknownTaskError", "UserTaskConfig", "carve", "few_shot", "get_task",
     "list_tasks", "load_split", "load_task_file", "make_splits", "register_task", "register_task_file",
     "task_data_dir",

@@ -16,13 +16,17 @@ from pydantic import ValidationError
 from tpv.paths import atomic_write, data_dir, tpv_home
 from tpv.tasks.builtin import BUILTIN_TASKS
 from tpv.tasks.spec import SPLITS, Example, Split, TaskConfigError, TaskDataMissing, TaskSpec, config_error
-from tpv.errors import NotFoundError
+from tpv.errors import InvalidInput, NotFoundError
 from tpv.tasks.splits import Row
 from tpv.tasks.user import datasets_cache, load_task_file, quiet_datasets, user_splits
 
 
 class UnknownTaskError(NotFoundError):
     """No task of that name is registered."""
+
+
+class BadSplitRequest(InvalidInput):
+    """A split name, limit or shot count that no task can serve."""
 
 
 _REGISTRY: dict[str, TaskSpec] = {spec.name: spec for spec in BUILTIN_TASKS}
@@ -95,9 +99,9 @@ def _builtin_rows(spec: TaskSpec, split: Split) -> list[Row]:
 def load_split(name: str, split: Split, limit: int | None = None, seed: int = 0) -> list[Example]:
     """A split as examples; with ``limit``, a seeded subsample of that size (in file order)."""
     if split not in SPLITS:
-        raise ValueError(f"split must be one of {', '.join(SPLITS)}, not {split!r}")
+        raise BadSplitRequest(f"split must be one of {', '.join(SPLITS)}, not {split!r}")
     if limit is not None and limit < 0:
-        raise ValueError("limit must be >= 0")
+        raise BadSplitRequest("limit must be >= 0")
     spec = get_task(name)
     rows = user_splits(spec)[split] if spec.data is not None else _builtin_rows(spec, split)
     if limit is not None and limit < len(rows):
@@ -112,7 +116,7 @@ def few_shot(examples: Sequence[Example], k_per_class: int, seed: int = 0) -> li
     Regression examples (float labels) count as one class, so that gives ``k_per_class`` examples in total.
     """
     if k_per_class < 1:
-        raise ValueError("k_per_class must be >= 1")
+        raise BadSplitRequest("k_per_class must be >= 1")
     rng = np.random.default_rng(seed)
     by_class: dict[int | str, list[int]] = {}
     for i, ex in enumerate(examples):
