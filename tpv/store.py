@@ -1,48 +1,79 @@
-"""The vector store: safetensors tensors + JSON metadata on a local folder or any `pyarrow.fs` filesystem.
+"""The vector store: one self-describing safetensors file per vector, on a local folder or any `pyarrow.fs` filesystem.
 
 Layout under the root:
-    {backbone_id}/origins/{L}-{seed}.safetensors
-    {backbone_id}/vectors/{task}/{vector_id}.safetensors + {vector_id}.json
+    {backbone_id}/vectors/{task}/{vector_id}.safetensors   tensor "tau" + header __metadata__
+                                                           {"tpv": "vector/2", "meta": <VectorMeta JSON>}
+    {backbone_id}/origins/{L}-{seed}.safetensors           tensor "origin" (float32) + {"sha256", "embedded_dtype"}
     {backbone_id}/compositions/{name}.json
 
-Why it is shaped like this: many training workers write into one shared folder at once, and a server reads it.
-Every file is written under a unique hidden temp name in its final folder and then moved into place (an atomic
-rename on local and POSIX shared filesystems; object stores emulate `move` and are only as atomic as they are).
-The tensor goes first and the JSON last, and readers only ever look at JSON names, so a vector exists exactly
-when its JSON does; a killed writer leaves only hidden temp files or an orphan tensor, both invisible. Tensors
-are read with `safetensors` (never unpickled) and their sha256 is checked on every load.
+Why one file per vector: many training workers write into one shared store while a server reads it, so a vector
+must appear, change and disappear in ONE step. Every file is written under a unique hidden temp name in its final
+folder and published by one operation: a rename over the target (overwrite), or, for a name that must not exist yet,
+a hard link (create-if-absent) on a local/POSIX filesystem, so of two first writers of one id exactly one wins and
+the other gets StoreConflict. On other pyarrow filesystems (object stores) a single-object write is atomic too, so
+readers still see the old or the new file, never a mix; but pyarrow offers no create-if-absent there, so it is a
+check-then-write and two first writers of one id within the same instant are last-writer-wins. A killed writer leaves
+only hidden temp files; the next write into that folder removes those older than STALE_TEMP_S.
+
+Reading: tensors are loaded with safetensors (never unpickled) and their sha256 is checked on every `get`. `list`
+reads safetensors headers only, never tensor data; it skips an entry it cannot read and logs a warning, and
+`problems()` returns those entries.
+
+Legacy layout (tensor-only `{vector_id}.safetensors` + `{vector_id}.json`) is still read; a self-describing file wins
+over a leftover JSON, a legacy tensor without its JSON (a killed legacy writer) is invisible, and `migrate()`
+(`tpv store migrate`) rewrites legacy entries in place. Only the new layout is ever written.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import io
 import json
+import logging
+import os
 import pathlib
 import posixpath
+import time
 import uuid
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import pyarrow.fs as pafs
 import safetensors.torch as st
 import torch
 from pydantic import ValidationError
 
-from tpv.errors import ConflictError, CorruptData, NotFoundError, TpvError
+from tpv.errors import ConflictError, CorruptData, InvalidInput, NotFoundError, TpvError
 from tpv.names import InvalidName, validate_name
 from tpv.vectors import TaskPromptVector, VectorError, VectorMeta, make_vector_id, tensor_sha256
 
 __all__ = [
-    "CorruptVector", "NotFound", "StoreConflict", "StoreError", "UnknownVector", "VectorStore", "make_vector_id",
-    "validate_name",
+    "STALE_TEMP_S", "CorruptVector", "InvalidStoreInput", "NotFound", "StoreConflict", "StoreError", "StoreProblem",
+    "UnknownVector", "VectorStore", "make_vector_id", "validate_name",
 ]
 
+logger = logging.getLogger(__name__)
+
+#: temp files older than this (seconds) belong to killed writers and are removed by later writes into their folder
+STALE_TEMP_S = 3600.0
+
 _TMP_PREFIX = ".tmp-"
+_EXT, _LEGACY_EXT = ".safetensors", ".json"
 _TENSOR_KEY = "tau"
 _ORIGIN_KEY = "origin"
+_FORMAT = {"tpv": "vector/2"}
+_META_KEY = "meta"
+_MAX_HEADER = 100_000_000  # safetensors' own limit
+_DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class StoreError(TpvError):
     """Base of every store failure."""
+
+
+class InvalidStoreInput(StoreError, InvalidInput):
+    """A malformed request to the store (an origin of the wrong shape, a spec that is not JSON, an ambiguous id)."""
 
 
 class StoreConflict(StoreError, ConflictError):
@@ -61,6 +92,13 @@ class UnknownVector(NotFound):
     """No vector with that id (or no vectors for that task)."""
 
 
+class StoreProblem(NamedTuple):
+    """A stored entry `list()` skipped, and why."""
+
+    path: str
+    reason: str
+
+
 def _visible(base: str, suffix: str) -> str | None:
     """The stem of a published file name, or None for temp files and anything else that is not ours."""
     if not base.endswith(suffix) or base.startswith("."):
@@ -72,10 +110,67 @@ def _visible(base: str, suffix: str) -> str | None:
         return None
 
 
-def _safetensors_metadata(data: bytes) -> dict[str, str]:
-    """The `__metadata__` of a safetensors blob (8-byte little-endian header length, then a JSON header)."""
-    n = int.from_bytes(data[:8], "little")
-    return json.loads(data[8 : 8 + n])["__metadata__"]
+def _metadata(read: Callable[[int], bytes], path: str) -> dict[str, str]:
+    """The `__metadata__` of a safetensors file (8-byte little-endian header length, then JSON), read alone."""
+    try:
+        n = int.from_bytes(read(8), "little")
+        header = json.loads(read(n)) if 2 <= n <= _MAX_HEADER else None
+    except ValueError:  # JSON and UTF-8 errors
+        header = None
+    meta = header.get("__metadata__", {}) if isinstance(header, dict) else None
+    if not isinstance(meta, dict):
+        raise CorruptVector(f"cannot read {path}: not a safetensors file")
+    return meta
+
+
+def _tensor(data: bytes, key: str, path: str) -> torch.Tensor:
+    try:
+        return st.load(data)[key]
+    except Exception as exc:  # safetensors raises its own error type for a bad file
+        raise CorruptVector(f"cannot read tensor {path}: {exc}") from None
+
+
+def _verified(tensor: torch.Tensor, meta: VectorMeta, path: str) -> TaskPromptVector:
+    digest = tensor_sha256(tensor)
+    if digest != meta.sha256:
+        raise CorruptVector(f"{path}: sha256 {digest} does not match its metadata ({meta.sha256})")
+    try:
+        return TaskPromptVector(tensor, meta)
+    except VectorError as exc:
+        raise CorruptVector(f"{path}: {exc}") from None
+
+
+def _vector_file(vector: TaskPromptVector) -> bytes:
+    return st.save({_TENSOR_KEY: vector.tensor}, metadata={**_FORMAT, _META_KEY: vector.meta.model_dump_json()})
+
+
+def _same(a: TaskPromptVector, b: TaskPromptVector) -> bool:
+    return a.meta.sha256 == b.meta.sha256 and a.meta.task == b.meta.task
+
+
+def _dtype(value: str | torch.dtype) -> torch.dtype:
+    name = str(value).removeprefix("torch.")
+    if name not in _DTYPES:
+        raise InvalidStoreInput(f"embedded_dtype must be one of {sorted(_DTYPES)}, got {value!r}")
+    return _DTYPES[name]
+
+
+def _embedded_dtype(tensor: torch.Tensor) -> torch.dtype:
+    """The tensor's own dtype when it is a narrow float, else the narrowest float dtype holding its values exactly
+    (what a model in that dtype would have embedded), else float32."""
+    if tensor.dtype in (torch.bfloat16, torch.float16):
+        return tensor.dtype
+    t = tensor.detach().to("cpu", torch.float32)
+    for narrow in (torch.bfloat16, torch.float16):
+        if torch.equal(t.to(narrow).to(torch.float32), t):
+            return narrow
+    return torch.float32
+
+
+def _same_origin(a: torch.Tensor, a_dtype: torch.dtype, b: torch.Tensor, b_dtype: torch.dtype, atol: float) -> bool:
+    """Equal up to the rounding of the coarser embedding dtype (rtol 2 eps: the weights' and the lookup's rounding)."""
+    eps = max(torch.finfo(a_dtype).eps, torch.finfo(b_dtype).eps)
+    return a.shape == b.shape and torch.allclose(a, b, rtol=2 * eps, atol=atol)
 
 
 class VectorStore:
@@ -105,21 +200,61 @@ class VectorStore:
         with self.fs.open_input_stream(path) as f:
             return f.read()
 
-    def _write_atomic(self, path: str, data: bytes) -> None:
-        """Write to a unique hidden name in the target folder, then move it over `path`."""
+    def _read_or_none(self, path: str) -> bytes | None:
+        try:
+            return self._read(path)
+        except FileNotFoundError:
+            return None
+
+    def _delete_quietly(self, path: str) -> bool:
+        try:
+            self.fs.delete_file(path)
+        except FileNotFoundError:
+            return False
+        return True
+
+    def _write_atomic(self, path: str, data: bytes, replace: bool) -> bool:
+        """Publish `data` at `path` in one step: write a unique hidden temp file in the same folder, then rename it
+        over `path` (replace=True) or create `path` from it only if absent (replace=False; returns False when
+        `path` is taken). Every write in the store goes through here."""
         folder, base = posixpath.split(path)
         self.fs.create_dir(folder, recursive=True)
+        self._remove_stale_temps(folder)
         tmp = posixpath.join(folder, f"{_TMP_PREFIX}{uuid.uuid4().hex}-{base}")
         try:
             with self.fs.open_output_stream(tmp) as f:
                 f.write(data)
-            self.fs.move(tmp, path)
-        except BaseException:
+            if replace:
+                self.fs.move(tmp, path)
+                return True
+            return self._create_from(tmp, path)
+        finally:
+            self._delete_quietly(tmp)  # gone after a move; the second name after a link; junk after a failure
+
+    def _create_from(self, tmp: str, path: str) -> bool:
+        """Give `tmp`'s content the name `path` unless `path` exists: a hard link is create-if-absent on POSIX;
+        elsewhere (object stores, filesystems without links) only a check-then-move is available."""
+        if isinstance(self.fs, pafs.LocalFileSystem):
             try:
-                self.fs.delete_file(tmp)
-            except OSError:
-                pass
-            raise
+                os.link(tmp, path)
+                return True
+            except FileExistsError:
+                return False
+            except OSError as exc:
+                if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP):
+                    raise
+        if self._exists(path):
+            return False
+        self.fs.move(tmp, path)
+        return True
+
+    def _remove_stale_temps(self, folder: str) -> int:
+        """Delete temp files of writers killed more than STALE_TEMP_S ago; a live writer's temp is younger."""
+        cutoff = time.time_ns() - int(STALE_TEMP_S * 1e9)
+        infos = self.fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
+        stale = [i.path for i in infos if i.type == pafs.FileType.File and i.base_name.startswith(_TMP_PREFIX)
+                 and i.mtime_ns is not None and i.mtime_ns < cutoff]
+        return sum(self._delete_quietly(p) for p in stale)
 
     def _subdirs(self, path: str) -> list[str]:
         infos = self.fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
@@ -133,175 +268,269 @@ class VectorStore:
         """Backbone ids with a folder in the store."""
         return self._subdirs(self.root)
 
-    # ---- vectors ------------------------------------------------------------------------------------------------
+    # ---- vector entries (either layout) ---------------------------------------------------------------------------
 
-    def _vector_paths(self, meta: VectorMeta) -> tuple[str, str]:
-        folder = self._path(meta.backbone_id, "vectors", meta.task)
-        return posixpath.join(folder, f"{meta.vector_id}.safetensors"), posixpath.join(folder, f"{meta.vector_id}.json")
+    def _stem(self, backbone_id: str, task: str, vector_id: str) -> str:
+        return self._path(backbone_id, "vectors", task, vector_id)
 
-    def _read_meta(self, json_path: str) -> VectorMeta:
+    def _folder_stems(self, folder: str) -> list[str]:
+        infos = self._files(folder, _EXT) + self._files(folder, _LEGACY_EXT)
+        return sorted({posixpath.splitext(i.path)[0] for i in infos})
+
+    def _stems(self, vector_id: str, backbone_id: str | None) -> list[str]:
+        """Every `{folder}/{vector_id}` with a file of either layout, across tasks (and backbones when none given)."""
+        validate_name(vector_id, "vector_id")
+        backbones = [validate_name(backbone_id, "backbone_id")] if backbone_id is not None else self.backbones()
+        stems = [self._stem(bb, task, vector_id) for bb in backbones for task in self._subdirs(self._path(bb, "vectors"))]
+        infos = self.fs.get_file_info([stem + ext for stem in stems for ext in (_EXT, _LEGACY_EXT)])
+        return sorted({posixpath.splitext(i.path)[0] for i in infos if i.type == pafs.FileType.File})
+
+    def _meta_at(self, raw: str | bytes, stem: str) -> VectorMeta:
+        """Parse metadata and check it describes its own location (a file copied into another folder is refused)."""
         try:
-            meta = VectorMeta.model_validate_json(self._read(json_path))
+            meta = VectorMeta.model_validate_json(raw)
         except ValidationError as exc:
-            raise CorruptVector(f"unreadable vector metadata {json_path}: {exc}") from None
-        folder, base = posixpath.split(json_path)
-        task_dir, bb_dir = posixpath.basename(folder), posixpath.basename(posixpath.dirname(posixpath.dirname(folder)))
-        if (meta.vector_id, meta.task, meta.backbone_id) != (base[: -len(".json")], task_dir, bb_dir):
-            raise CorruptVector(
-                f"{json_path} describes ({meta.backbone_id}, {meta.task}, {meta.vector_id}), not its own location"
-            )
+            raise CorruptVector(f"unreadable vector metadata at {stem}: {exc}") from None
+        folder, vector_id = posixpath.split(stem)
+        task, backbone = posixpath.basename(folder), posixpath.basename(posixpath.dirname(posixpath.dirname(folder)))
+        if (meta.vector_id, meta.task, meta.backbone_id) != (vector_id, task, backbone):
+            raise CorruptVector(f"{stem} holds ({meta.backbone_id}, {meta.task}, {meta.vector_id}), not its own location")
         return meta
 
+    def _head(self, path: str, whole: bool) -> tuple[dict[str, str], bytes | None] | None:
+        """(the file's safetensors __metadata__, its bytes when `whole`), or None when there is no such file."""
+        try:
+            if whole:
+                data = self._read(path)
+                return _metadata(io.BytesIO(data).read, path), data
+            with self.fs.open_input_stream(path) as f:
+                return _metadata(f.read, path), None
+        except FileNotFoundError:
+            return None
+
+    def _entry(self, stem: str, whole: bool) -> tuple[VectorMeta, bytes | None] | None:
+        """The metadata of the vector at `stem` (and its file's bytes when `whole`), either layout. The file is read
+        first, so a self-describing file wins over a leftover legacy JSON. None when nothing is there, or only an
+        orphan legacy tensor (whose writer was killed before its JSON)."""
+        path = stem + _EXT
+        for _ in range(2):  # a legacy pair can be migrated (or deleted) between our two reads: look once more
+            head = self._head(path, whole)
+            if head is not None and _META_KEY in head[0]:
+                return self._meta_at(head[0][_META_KEY], stem), head[1]
+            legacy = self._read_or_none(stem + _LEGACY_EXT)
+            if legacy is not None:
+                if head is None:
+                    raise CorruptVector(f"{stem}{_LEGACY_EXT} exists but its tensor {path} is missing")
+                return self._meta_at(legacy, stem), head[1]
+            if head is None:
+                return None
+        return None  # a legacy tensor without JSON, twice
+
+    def _load(self, stem: str) -> TaskPromptVector | None:
+        """The verified vector at `stem`, or None (see `_entry`)."""
+        entry = self._entry(stem, whole=True)
+        if entry is None:
+            return None
+        meta, data = entry
+        return _verified(_tensor(data, _TENSOR_KEY, stem + _EXT), meta, stem + _EXT)
+
+    def _remove(self, stem: str) -> None:
+        """Delete an entry: a legacy JSON first (so a legacy pair vanishes at once), then the file."""
+        self._delete_quietly(stem + _LEGACY_EXT)
+        self._delete_quietly(stem + _EXT)
+
+    # ---- vectors ------------------------------------------------------------------------------------------------
+
     def put(self, vector: TaskPromptVector, overwrite: bool = False) -> str:
-        """Store a vector and return its id. Re-putting identical content is a no-op; different content under
-        an existing id raises StoreConflict unless overwrite=True."""
+        """Store a vector and return its id, in one atomic step. Re-putting identical content is a no-op. Different
+        content under an existing id (in any task of the backbone) raises StoreConflict unless overwrite=True, which
+        replaces it (concurrent overwrites: the last one wins). Of concurrent first writers of one id with different
+        content exactly one succeeds; the others get StoreConflict. An unreadable file under the id raises
+        CorruptVector unless overwrite=True."""
         meta = vector.meta
         for value, what in ((meta.backbone_id, "backbone_id"), (meta.task, "task"), (meta.vector_id, "vector_id")):
             validate_name(value, what)
-        digest = tensor_sha256(vector.tensor)
-        if digest != meta.sha256:
+        if tensor_sha256(vector.tensor) != meta.sha256:
             raise VectorError(f"vector {meta.vector_id!r} was modified after creation (sha256 no longer matches)")
-        try:
-            existing = self.get(meta.vector_id, backbone_id=meta.backbone_id)
-        except UnknownVector:
-            existing = None
-        except CorruptVector:
-            if not overwrite:
-                raise
-            self.delete(meta.vector_id, backbone_id=meta.backbone_id)
-            existing = None
-        if existing is not None:
-            if existing.meta.sha256 == digest and existing.meta.task == meta.task:
-                return meta.vector_id
-            if not overwrite:
-                raise StoreConflict(
-                    f"vector {meta.vector_id!r} already exists for backbone {meta.backbone_id!r} "
-                    f"(task {existing.meta.task!r}, sha256 {existing.meta.sha256[:12]}) with different content; "
-                    "pass overwrite=True to replace it"
-                )
-            if existing.meta.task != meta.task:
-                self.delete(meta.vector_id, backbone_id=meta.backbone_id)
-        tensor_path, json_path = self._vector_paths(meta)
-        data = st.save({_TENSOR_KEY: vector.tensor}, metadata={"vector_id": meta.vector_id, "sha256": digest})
-        self._write_atomic(tensor_path, data)
-        self._write_atomic(json_path, meta.model_dump_json(indent=2).encode())
+        stem = self._stem(meta.backbone_id, meta.task, meta.vector_id)
+        stems = self._stems(meta.vector_id, meta.backbone_id)
+        found: list[TaskPromptVector] = []
+        for other in stems:
+            try:
+                existing = self._load(other)
+            except CorruptVector:
+                if not overwrite:
+                    raise
+                continue
+            if existing is not None:
+                found.append(existing)
+        if len(found) == 1 and _same(found[0], vector):
+            return meta.vector_id
+        if found and not overwrite:
+            raise StoreConflict(
+                f"vector {meta.vector_id!r} already exists for backbone {meta.backbone_id!r} (task "
+                f"{found[0].meta.task!r}, sha256 {found[0].meta.sha256[:12]}) with different content; "
+                "pass overwrite=True to replace it"
+            )
+        if overwrite:
+            self._write_atomic(stem + _EXT, _vector_file(vector), replace=True)
+            self._delete_quietly(stem + _LEGACY_EXT)  # a legacy pair's leftover JSON
+            for other in stems:
+                if other != stem:  # the id moved to another task
+                    self._remove(other)
+            return meta.vector_id
+        if self._write_atomic(stem + _EXT, _vector_file(vector), replace=False):
+            return meta.vector_id
+        winner = self._load(stem)
+        if winner is None:
+            raise CorruptVector(f"{stem}{_EXT} is taken by an orphan legacy tensor; run `tpv store migrate` or put "
+                                "with overwrite=True")
+        if not _same(winner, vector):
+            raise StoreConflict(f"another writer stored different content as {meta.vector_id!r} first")
         return meta.vector_id
 
-    def _locate(self, vector_id: str, backbone_id: str | None) -> str:
-        """Path of the vector's JSON, searching every task (and every backbone when none is given)."""
-        validate_name(vector_id, "vector_id")
-        backbones = [validate_name(backbone_id, "backbone_id")] if backbone_id is not None else self.backbones()
-        candidates = [
-            self._path(bb, "vectors", task, f"{vector_id}.json")
-            for bb in backbones
-            for task in self._subdirs(self._path(bb, "vectors"))
-        ]
-        found = [i.path for i in self.fs.get_file_info(candidates) if i.type == pafs.FileType.File]
+    def get(self, vector_id: str, backbone_id: str | None = None) -> TaskPromptVector:
+        """Load and verify a vector (sha256 of the tensor against its metadata), searching every task (and every
+        backbone when none is given)."""
+        found = [v for v in map(self._load, self._stems(vector_id, backbone_id)) if v is not None]
         if not found:
-            where = f"backbone {backbone_id!r}" if backbone_id is not None else f"backbones {backbones}"
+            where = f"backbone {backbone_id!r}" if backbone_id is not None else f"backbones {self.backbones()}"
             raise UnknownVector(f"no vector {vector_id!r} in {where} of {self.uri}")
         if len(found) > 1:
-            raise StoreError(f"vector id {vector_id!r} is ambiguous, found at {found}; pass backbone_id")
+            places = [(v.meta.backbone_id, v.meta.task) for v in found]
+            raise InvalidStoreInput(f"vector id {vector_id!r} is ambiguous, found at {places}; pass backbone_id")
         return found[0]
-
-    def get(self, vector_id: str, backbone_id: str | None = None) -> TaskPromptVector:
-        """Load and verify a vector (sha256 of the tensor bytes against its JSON)."""
-        json_path = self._locate(vector_id, backbone_id)
-        for attempt in range(2):  # a concurrent overwrite can swap the tensor between our two reads: retry once
-            try:
-                meta = self._read_meta(json_path)
-            except FileNotFoundError:  # deleted since we located it
-                raise UnknownVector(f"vector {vector_id!r} was deleted while being read") from None
-            tensor_path = json_path[: -len(".json")] + ".safetensors"
-            try:
-                tensor = st.load(self._read(tensor_path))[_TENSOR_KEY]
-            except FileNotFoundError:
-                raise CorruptVector(f"{json_path} exists but its tensor {tensor_path} is missing") from None
-            except Exception as exc:  # safetensors raises its own error type for a bad header
-                raise CorruptVector(f"cannot read tensor {tensor_path}: {exc}") from None
-            digest = tensor_sha256(tensor)
-            if digest == meta.sha256:
-                try:
-                    return TaskPromptVector(tensor, meta)
-                except VectorError as exc:
-                    raise CorruptVector(f"{tensor_path}: {exc}") from None
-            if attempt == 0 and self._read_meta(json_path).sha256 != meta.sha256:
-                continue
-            break
-        raise CorruptVector(f"{tensor_path}: sha256 {digest} does not match its metadata ({meta.sha256})")
 
     def list(
         self, backbone_id: str | None = None, task: str | None = None, seed: int | None = None,
         kind: str | None = None,
     ) -> list[VectorMeta]:
-        """Metadata of the stored vectors matching every given filter, sorted; reads only JSON files."""
+        """Metadata of the stored vectors matching every given filter, sorted. Reads safetensors headers (and
+        legacy JSON), never tensor data. An entry it cannot read is skipped with a logged warning; `problems()`
+        returns those entries, so one bad file never hides the rest of the store."""
+        metas, problems = self._scan(backbone_id, task)
+        for problem in problems:
+            logger.warning("store %s: skipping %s: %s", self.uri, problem.path, problem.reason)
+        return [m for m in metas if (seed is None or m.origin_seed == seed) and (kind is None or m.kind == kind)]
+
+    def problems(self, backbone_id: str | None = None) -> list[StoreProblem]:
+        """The vector entries `list()` skips: unreadable headers or metadata, entries describing another location,
+        legacy JSON without its tensor. Like `list()` it reads headers only: a flipped bit in tensor data is found
+        by `get()` (CorruptVector)."""
+        return self._scan(backbone_id, None)[1]
+
+    def _scan(self, backbone_id: str | None, task: str | None) -> tuple[list[VectorMeta], list[StoreProblem]]:
         if task is not None:
             validate_name(task, "task")
         backbones = [validate_name(backbone_id, "backbone_id")] if backbone_id is not None else self.backbones()
         metas: list[VectorMeta] = []
+        problems: list[StoreProblem] = []
         for bb in backbones:
-            tasks = [task] if task is not None else self._subdirs(self._path(bb, "vectors"))
-            for t in tasks:
-                for info in self._files(self._path(bb, "vectors", t), ".json"):
+            for t in [task] if task is not None else self._subdirs(self._path(bb, "vectors")):
+                for stem in self._folder_stems(self._path(bb, "vectors", t)):
                     try:
-                        meta = self._read_meta(info.path)
-                    except FileNotFoundError:  # deleted between listing and reading
+                        entry = self._entry(stem, whole=False)
+                    except CorruptVector as exc:
+                        problems.append(StoreProblem(stem + _EXT, str(exc)))
                         continue
-                    if (seed is None or meta.origin_seed == seed) and (kind is None or meta.kind == kind):
-                        metas.append(meta)
-        return sorted(metas, key=lambda m: (m.backbone_id, m.task, m.vector_id))
+                    if entry is not None:
+                        metas.append(entry[0])
+        return sorted(metas, key=lambda m: (m.backbone_id, m.task, m.vector_id)), problems
 
     def delete(self, vector_id: str, backbone_id: str | None = None) -> None:
-        """Remove a vector: the JSON first (so it disappears at once), then its tensor."""
-        json_path = self._locate(vector_id, backbone_id)
-        self.fs.delete_file(json_path)
+        """Remove a vector (one file; a legacy pair loses its JSON first, so it disappears at once)."""
+        stems = self._stems(vector_id, backbone_id)
+        if not stems:
+            raise UnknownVector(f"no vector {vector_id!r} to delete in {self.uri}")
+        if len(stems) > 1:
+            raise InvalidStoreInput(f"vector id {vector_id!r} is ambiguous, found at {stems}; pass backbone_id")
+        self._remove(stems[0])
+
+    def migrate(self) -> dict[str, int]:
+        """Rewrite every legacy vector (tensor + JSON) as one self-describing file in place, and remove stale temp
+        files and stale orphan legacy tensors. Idempotent and crash-safe: an entry is converted by one atomic
+        replace of its tensor file (which then wins over the JSON), and the leftover JSON is deleted after. Readers
+        may run meanwhile; legacy-version writers must not (they would write legacy pairs again). Entries that fail
+        their checks are left in place and counted as `unreadable` (see `problems()`)."""
+        counts = dict.fromkeys(("migrated", "stale_json_removed", "orphans_removed", "temps_removed", "unreadable"), 0)
+        for bb in self.backbones():
+            tasks = self._subdirs(self._path(bb, "vectors"))
+            for folder in [self._path(bb, "origins"), self._path(bb, "compositions")]:
+                counts["temps_removed"] += self._remove_stale_temps(folder)
+            for folder in [self._path(bb, "vectors", t) for t in tasks]:
+                counts["temps_removed"] += self._remove_stale_temps(folder)
+                for stem in self._folder_stems(folder):
+                    outcome = self._migrate_entry(stem)
+                    if outcome is not None:
+                        counts[outcome] += 1
+        return counts
+
+    def _migrate_entry(self, stem: str) -> str | None:
+        """Convert one entry; returns what was done (a `migrate()` count name) or None when nothing was needed."""
+        head = self._head(stem + _EXT, whole=False)
+        if head is not None and _META_KEY in head[0]:
+            return "stale_json_removed" if self._delete_quietly(stem + _LEGACY_EXT) else None
         try:
-            self.fs.delete_file(json_path[: -len(".json")] + ".safetensors")
-        except FileNotFoundError:
-            pass
+            vector = self._load(stem)
+        except CorruptVector:
+            return "unreadable"
+        if vector is None:
+            info = self.fs.get_file_info(stem + _EXT)
+            stale = info.mtime_ns is not None and info.mtime_ns < time.time_ns() - int(STALE_TEMP_S * 1e9)
+            return "orphans_removed" if stale and self._delete_quietly(stem + _EXT) else None
+        self._write_atomic(stem + _EXT, _vector_file(vector), replace=True)
+        self._delete_quietly(stem + _LEGACY_EXT)
+        return "migrated"
 
     # ---- origins ------------------------------------------------------------------------------------------------
 
     def _origin_path(self, backbone_id: str, length: int, seed: int) -> str:
         validate_name(backbone_id, "backbone_id")
         if not isinstance(length, int) or length <= 0 or not isinstance(seed, int) or seed < 0:
-            raise StoreError(f"origin needs an int length > 0 and an int seed >= 0, got {length!r}, {seed!r}")
+            raise InvalidStoreInput(f"origin needs an int length > 0 and an int seed >= 0, got {length!r}, {seed!r}")
         return self._path(backbone_id, "origins", f"{length}-{seed}.safetensors")
 
     def put_origin(
-        self, backbone_id: str, length: int, seed: int, tensor: torch.Tensor, atol: float = 1e-6
+        self, backbone_id: str, length: int, seed: int, tensor: torch.Tensor, atol: float = 1e-6,
+        embedded_dtype: str | torch.dtype | None = None,
     ) -> None:
-        """Store an origin once. If one exists it must equal `tensor` within atol, else StoreConflict."""
+        """Store an origin once, in float32, with the dtype the model embedded it in. If one exists it must match
+        `tensor` up to the rounding of the coarser of the two embedding dtypes (plus atol), else StoreConflict: a
+        bf16 (GPU) and an fp32 (CPU) worker embed the same origin up to rounding, a different origin differs by far
+        more. embedded_dtype=None infers it from the tensor (see `_embedded_dtype`); pass the model's dtype when an
+        fp32 copy of a bf16 embedding could be mistaken for fp32."""
         path = self._origin_path(backbone_id, length, seed)
         if tensor.dim() != 2 or tensor.shape[0] != length:
-            raise StoreError(f"origin for L={length} must be [L, d], got {tuple(tensor.shape)}")
+            raise InvalidStoreInput(f"origin for L={length} must be [L, d], got {tuple(tensor.shape)}")
+        dtype = _dtype(embedded_dtype) if embedded_dtype is not None else _embedded_dtype(tensor)
         t = tensor.detach().to("cpu", torch.float32).contiguous()
         if not bool(torch.isfinite(t).all()):
-            raise StoreError("origin contains NaN/inf")
-        if self._exists(path):
-            stored = self.get_origin(backbone_id, length, seed)
-            if stored.shape == t.shape and torch.allclose(stored, t, rtol=0.0, atol=atol):
-                return
+            raise InvalidStoreInput("origin contains NaN/inf")
+        data = st.save({_ORIGIN_KEY: t}, metadata={"sha256": tensor_sha256(t), "embedded_dtype": str(dtype).removeprefix("torch.")})
+        if not self._exists(path) and self._write_atomic(path, data, replace=False):
+            return
+        stored, stored_dtype = self._read_origin(path)
+        if not _same_origin(stored, stored_dtype, t, dtype, atol):
             raise StoreConflict(
                 f"a different origin is stored for ({backbone_id}, L={length}, seed={seed}); origins are "
                 "reproducible from (backbone, L, seed), so the backbone or the origin code changed"
             )
-        self._write_atomic(path, st.save({_ORIGIN_KEY: t}, metadata={"sha256": tensor_sha256(t)}))
 
     def get_origin(self, backbone_id: str, length: int, seed: int) -> torch.Tensor:
-        path = self._origin_path(backbone_id, length, seed)
-        try:
-            data = self._read(path)
-        except FileNotFoundError:
-            raise NotFound(f"no origin ({backbone_id}, L={length}, seed={seed}) in {self.uri}") from None
-        try:
-            tensor = st.load(data)[_ORIGIN_KEY]
-            expected = _safetensors_metadata(data)["sha256"]
-        except Exception as exc:  # safetensors raises its own error type for a bad header
-            raise CorruptVector(f"cannot read origin {path}: {exc}") from None
-        if tensor_sha256(tensor) != expected:
+        """The stored origin in float32."""
+        return self._read_origin(self._origin_path(backbone_id, length, seed))[0]
+
+    def _read_origin(self, path: str) -> tuple[torch.Tensor, torch.dtype]:
+        """(verified origin, its embedding dtype; inferred from the values for files written before it was kept)."""
+        data = self._read_or_none(path)
+        if data is None:
+            raise NotFound(f"no origin {path} in {self.uri}")
+        meta = _metadata(io.BytesIO(data).read, path)
+        tensor = _tensor(data, _ORIGIN_KEY, path)
+        if tensor_sha256(tensor) != meta.get("sha256"):
             raise CorruptVector(f"origin {path} fails its sha256 check")
-        return tensor
+        dtype = meta.get("embedded_dtype")
+        return tensor, _DTYPES[dtype] if dtype in _DTYPES else _embedded_dtype(tensor)
 
     # ---- named compositions ---------------------------------------------------------------------------------------
 
@@ -315,20 +544,21 @@ class VectorStore:
         try:
             data = json.dumps(spec, sort_keys=True, indent=2, allow_nan=False).encode()
         except (TypeError, ValueError) as exc:
-            raise StoreError(f"composition {name!r} is not plain JSON: {exc}") from None
-        if self._exists(path) and not overwrite:
-            if self.get_composition(backbone_id, name) == json.loads(data):
-                return
+            raise InvalidStoreInput(f"composition {name!r} is not plain JSON: {exc}") from None
+        if overwrite:
+            self._write_atomic(path, data, replace=True)
+            return
+        if not self._exists(path) and self._write_atomic(path, data, replace=False):
+            return
+        if self.get_composition(backbone_id, name) != json.loads(data):
             raise StoreConflict(f"composition {name!r} already exists for {backbone_id!r}; pass overwrite=True")
-        self._write_atomic(path, data)
 
     def get_composition(self, backbone_id: str, name: str) -> dict[str, Any]:
         path = self._composition_path(backbone_id, name)
-        try:
-            data = self._read(path)
-        except FileNotFoundError:
+        data = self._read_or_none(path)
+        if data is None:
             known = self.list_compositions(backbone_id)
-            raise NotFound(f"no composition {name!r} for {backbone_id!r}; known: {known}") from None
+            raise NotFound(f"no composition {name!r} for {backbone_id!r}; known: {known}")
         try:
             spec = json.loads(data)
         except ValueError as exc:
@@ -345,15 +575,12 @@ class VectorStore:
     # ---- change detection ---------------------------------------------------------------------------------------
 
     def version(self) -> str:
-        """Fingerprint of the published contents (names, sizes, mtimes of JSON and origin files): one recursive
-        listing, no file reads, so a server can poll it. Temp files and orphan tensors do not count."""
+        """Fingerprint of the published contents (names, sizes, mtimes of every published file): one recursive
+        listing, no file reads, so a server can poll it. Temp files do not count."""
         h = hashlib.sha256()
         infos = self.fs.get_file_info(pafs.FileSelector(self.root, allow_not_found=True, recursive=True))
         for i in sorted(infos, key=lambda i: i.path):
-            if i.type != pafs.FileType.File:
-                continue
-            is_origin = posixpath.basename(posixpath.dirname(i.path)) == "origins"
-            if _visible(i.base_name, ".json") or (is_origin and _visible(i.base_name, ".safetensors")):
+            if i.type == pafs.FileType.File and (_visible(i.base_name, _EXT) or _visible(i.base_name, _LEGACY_EXT)):
                 mtime = i.mtime_ns if i.mtime_ns is not None else -1
                 h.update(f"{i.path}\0{i.size}\0{mtime}\n".encode())
         return h.hexdigest()
