@@ -24,7 +24,7 @@ from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
 
-from serve import auth, body, errors
+from serve import auth, errors, guards
 from serve.auth import Principal
 from serve.cli import main  # noqa: F401 - `tpv serve` runs serve.app:main
 from serve.inputs import pick_template, render
@@ -65,7 +65,8 @@ api = FastAPI(
     ),
 )
 errors.install(api)
-api.add_middleware(body.BodyGuard)
+api.add_middleware(guards.BodyGuard)
+api.add_middleware(guards.KeyGuard)  # added last: runs first, so no body is read without a key
 _bearer = HTTPBearer(auto_error=False, description="an API key, when the server has keys configured")
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse, "description": text}
@@ -133,7 +134,7 @@ class TPVIngress:
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         self.settings = IngressSettings.model_validate(user_config or {})
-        body.configure(self.settings.limits.max_body_bytes, self.settings.body_read_timeout_s)
+        guards.configure(self.settings.limits.max_body_bytes, self.settings.body_read_timeout_s)
         auth.configure(self.settings.auth)
 
     async def _call(self, method: str, *args, timeout_s: float | None = None):

@@ -81,24 +81,31 @@ def _app(store, model_path):
                  {"user_config": _ingress_config(), "ray_actor_options": {"num_cpus": 0}})
 
 
+def deploy(app, name: str, prefix: str) -> str:
+    """Run `app` on the session's Serve (one HTTP port for every app) and wait for its health; returns its URL."""
+    from ray import serve
+    from ray.serve.context import _get_global_client
+
+    serve.start(http_options={"host": "127.0.0.1", "port": _free_port()})  # keeps the running Serve's port
+    port = _get_global_client().http_config.port
+    serve.run(app, name=name, route_prefix=prefix)
+    base = f"http://127.0.0.1:{port}{prefix.rstrip('/')}"
+    deadline = time.time() + 90
+    while True:
+        try:
+            if requests.get(f"{base}/v1/health", timeout=5).status_code == 200:
+                return base
+        except requests.ConnectionError:
+            pass
+        assert time.time() < deadline, f"{name} did not answer /v1/health within 90 s"
+        time.sleep(0.2)
+
+
 @pytest.fixture(scope="module")
 def url(ray_session, tiny_causal_path, store):
     from ray import serve
 
-    port = _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(_app(store, tiny_causal_path), name=APP, route_prefix="/")
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while True:
-        try:
-            if requests.get(f"{base}/v1/health", timeout=5).status_code == 200:
-                break
-        except requests.ConnectionError:
-            pass
-        assert time.time() < deadline, "the app did not answer /v1/health within 60 s"
-        time.sleep(0.2)
-    yield base
+    yield deploy(_app(store, tiny_causal_path), APP, "/")
     serve.delete(APP)
 
 

@@ -1,8 +1,9 @@
-"""Reading request bodies safely: a size bound counted while reading and a time bound for the whole body.
+"""What happens before the app reads a request: the API key is checked, then the body is read under bounds.
 
-An ASGI middleware, so it sees the body as it arrives (Serve streams it from the proxy): a chunked body with no
-Content-Length is cut off at `max_body_bytes` (413) and a client that drips its body is cut off after
-`body_read_timeout_s` (408), freeing its slot. The body is then handed to the app in one piece.
+ASGI middlewares, so they act before FastAPI touches the body. `KeyGuard` refuses a missing or wrong key (401)
+without reading a byte of the body. `BodyGuard` sees the body as it arrives (Serve streams it from the proxy):
+a chunked body with no Content-Length is cut off at `max_body_bytes` (413) and a client that drips its body is
+cut off after `body_read_timeout_s` (408), freeing its slot. The body is then handed to the app in one piece.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from serve import auth
 from serve.errors import BodyTimeout, BodyTooLarge, error_response, exception_response
 
 
@@ -86,3 +88,32 @@ class BodyGuard:
             return await receive()
 
         await self.app(scope, replay, send)
+
+
+OPEN_PATHS = frozenset({"/v1/health", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+
+
+def bearer_token(scope: Scope) -> str | None:
+    """The token of an `Authorization: Bearer <token>` header, else None."""
+    value = dict(scope.get("headers") or []).get(b"authorization", b"").decode("latin-1")
+    scheme, _, token = value.partition(" ")
+    return (token.strip() or None) if scheme.lower() == "bearer" else None
+
+
+class KeyGuard:
+    """ASGI middleware: with keys configured, every path but OPEN_PATHS needs a valid one (the route's own
+    dependency then applies the key's scope)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and not auth.KEYRING.open:
+            path = scope["path"].removeprefix(scope.get("root_path", "")) or "/"
+            if path not in OPEN_PATHS:
+                try:
+                    auth.KEYRING.check(bearer_token(scope))
+                except auth.Unauthorized as exc:
+                    await exception_response(exc)(scope, receive, send)
+                    return
+        await self.app(scope, receive, send)
