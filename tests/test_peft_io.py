@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from tiny_models import build_tiny_causal
+
 from tpv.backbone import Backbone, BackboneConfig
 from tpv.peft_io import PeftAdapterError, export_peft, import_peft, read_peft_prompt
 from tpv.prompt import make_origin

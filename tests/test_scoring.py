@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from tiny_models import build_tiny_causal
+
 from tpv.backbone import Backbone, BackboneConfig
 from tpv.prompt import make_origin
 

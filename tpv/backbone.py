@@ -15,6 +15,7 @@ and the whole vocabulary: on a 49k-vocabulary model that is most of the step's c
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import pairwise
 from typing import Literal
 
 import torch
@@ -107,7 +108,7 @@ def _leading_bos(tokenizer) -> list[int]:
 def _prefix_free(rows: list[list[int]]) -> bool:
     """True when no token sequence is a proper prefix of another (sorted, a prefix sits right before an extension)."""
     seqs = sorted(set(map(tuple, rows)))
-    return not any(b[: len(a)] == a for a, b in zip(seqs, seqs[1:]))
+    return not any(b[: len(a)] == a for a, b in pairwise(seqs))
 
 
 def backbone_id_for(name_or_path: str) -> str:
@@ -306,7 +307,7 @@ class Backbone:
 
     @torch.no_grad()
     def score_labels(self, prompt: Prompt, sources: list[str], labels: list[str]) -> Tensor:
-        """Summed log-likelihood of each label string after each source: [B, C] on the CPU (rank classification)."""
+        """Each label's log-likelihood after each source, as `label_scores` defines it: [B, C] on the CPU."""
         return self.label_scores(prompt, sources, labels).cpu()
 
     def label_loss(self, prompt: Prompt, sources: list[str], labels: list[str], gold: list[int]) -> Tensor:
