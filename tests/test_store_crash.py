@@ -18,8 +18,8 @@ from tpv.store import StoreConflict, UnknownVector, VectorStore
 from tpv.vectors import TaskPromptVector
 
 BB = "crash-bb"
-N_IDS, N_WRITERS, N_READERS, N_REPLACEMENTS = 12, 8, 2, 4
-RUN_S = 6.0
+N_IDS, N_WRITERS, N_READERS, N_REPLACEMENTS = 12, 8, 2, 2
+RUN_S = 5.0
 SHAPE = (128, 256)  # 128 KiB: a write takes long enough to be killed inside it
 
 

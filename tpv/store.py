@@ -93,8 +93,11 @@ class UnknownVector(NotFound):
 
 
 class StoreProblem(NamedTuple):
-    """A stored entry `list()` skipped, and why."""
+    """A stored vector entry `list()` skipped, where it is, and why."""
 
+    backbone_id: str
+    task: str
+    vector_id: str
     path: str
     reason: str
 
@@ -120,6 +123,34 @@ def _metadata(read: Callable[[int], bytes], path: str) -> dict[str, str]:
     meta = header.get("__metadata__", {}) if isinstance(header, dict) else None
     if not isinstance(meta, dict):
         raise CorruptVector(f"cannot read {path}: not a safetensors file")
+    return meta
+
+
+def _place(stem: str) -> tuple[str, str]:
+    """(backbone_id, task) of a `{root}/{backbone_id}/vectors/{task}/{vector_id}` entry."""
+    folder = posixpath.dirname(stem)
+    return posixpath.basename(posixpath.dirname(posixpath.dirname(folder))), posixpath.basename(folder)
+
+
+def _one_place(vector_id: str, places: list[tuple[str, str]]) -> None:
+    """Refuse an id found in several places: across backbones the caller must name one; within one backbone it is
+    the leftover of an overwrite into another task cut short between its two steps."""
+    if len(places) <= 1:
+        return
+    if len({bb for bb, _ in places}) > 1:
+        raise InvalidStoreInput(f"vector id {vector_id!r} is ambiguous, found at {places}; pass backbone_id")
+    raise CorruptVector(f"vector id {vector_id!r} is stored under several tasks of one backbone {places} (a move to "
+                        "another task was cut short); put it again with overwrite=True, or delete it")
+
+
+def _meta_at(raw: str | bytes, stem: str) -> VectorMeta:
+    """Parse metadata and check it describes its own location (a file copied into another folder is refused)."""
+    try:
+        meta = VectorMeta.model_validate_json(raw)
+    except ValidationError as exc:
+        raise CorruptVector(f"unreadable vector metadata at {stem}: {exc}") from None
+    if (meta.backbone_id, meta.task, meta.vector_id) != (*_place(stem), posixpath.basename(stem)):
+        raise CorruptVector(f"{stem} holds ({meta.backbone_id}, {meta.task}, {meta.vector_id}), not its own location")
     return meta
 
 
@@ -285,18 +316,6 @@ class VectorStore:
         infos = self.fs.get_file_info([stem + ext for stem in stems for ext in (_EXT, _LEGACY_EXT)])
         return sorted({posixpath.splitext(i.path)[0] for i in infos if i.type == pafs.FileType.File})
 
-    def _meta_at(self, raw: str | bytes, stem: str) -> VectorMeta:
-        """Parse metadata and check it describes its own location (a file copied into another folder is refused)."""
-        try:
-            meta = VectorMeta.model_validate_json(raw)
-        except ValidationError as exc:
-            raise CorruptVector(f"unreadable vector metadata at {stem}: {exc}") from None
-        folder, vector_id = posixpath.split(stem)
-        task, backbone = posixpath.basename(folder), posixpath.basename(posixpath.dirname(posixpath.dirname(folder)))
-        if (meta.vector_id, meta.task, meta.backbone_id) != (vector_id, task, backbone):
-            raise CorruptVector(f"{stem} holds ({meta.backbone_id}, {meta.task}, {meta.vector_id}), not its own location")
-        return meta
-
     def _head(self, path: str, whole: bool) -> tuple[dict[str, str], bytes | None] | None:
         """(the file's safetensors __metadata__, its bytes when `whole`), or None when there is no such file."""
         try:
@@ -316,12 +335,12 @@ class VectorStore:
         for _ in range(2):  # a legacy pair can be migrated (or deleted) between our two reads: look once more
             head = self._head(path, whole)
             if head is not None and _META_KEY in head[0]:
-                return self._meta_at(head[0][_META_KEY], stem), head[1]
+                return _meta_at(head[0][_META_KEY], stem), head[1]
             legacy = self._read_or_none(stem + _LEGACY_EXT)
             if legacy is not None:
                 if head is None:
                     raise CorruptVector(f"{stem}{_LEGACY_EXT} exists but its tensor {path} is missing")
-                return self._meta_at(legacy, stem), head[1]
+                return _meta_at(legacy, stem), head[1]
             if head is None:
                 return None
         return None  # a legacy tensor without JSON, twice
@@ -396,9 +415,7 @@ class VectorStore:
         if not found:
             where = f"backbone {backbone_id!r}" if backbone_id is not None else f"backbones {self.backbones()}"
             raise UnknownVector(f"no vector {vector_id!r} in {where} of {self.uri}")
-        if len(found) > 1:
-            places = [(v.meta.backbone_id, v.meta.task) for v in found]
-            raise InvalidStoreInput(f"vector id {vector_id!r} is ambiguous, found at {places}; pass backbone_id")
+        _one_place(vector_id, [(v.meta.backbone_id, v.meta.task) for v in found])
         return found[0]
 
     def list(
@@ -413,11 +430,12 @@ class VectorStore:
             logger.warning("store %s: skipping %s: %s", self.uri, problem.path, problem.reason)
         return [m for m in metas if (seed is None or m.origin_seed == seed) and (kind is None or m.kind == kind)]
 
-    def problems(self, backbone_id: str | None = None) -> list[StoreProblem]:
-        """The vector entries `list()` skips: unreadable headers or metadata, entries describing another location,
-        legacy JSON without its tensor. Like `list()` it reads headers only: a flipped bit in tensor data is found
-        by `get()` (CorruptVector)."""
-        return self._scan(backbone_id, None)[1]
+    def problems(self, backbone_id: str | None = None, task: str | None = None) -> list[StoreProblem]:
+        """The vector entries `list()` skips (same filters): unreadable headers or metadata, entries describing
+        another location, legacy JSON without its tensor. A caller that finds no vector for a task can tell "none"
+        from "only unreadable ones" here. Like `list()` it reads headers only: a flipped bit in tensor data is
+        found by `get()` (CorruptVector)."""
+        return self._scan(backbone_id, task)[1]
 
     def _scan(self, backbone_id: str | None, task: str | None) -> tuple[list[VectorMeta], list[StoreProblem]]:
         if task is not None:
@@ -431,20 +449,23 @@ class VectorStore:
                     try:
                         entry = self._entry(stem, whole=False)
                     except CorruptVector as exc:
-                        problems.append(StoreProblem(stem + _EXT, str(exc)))
+                        problems.append(StoreProblem(bb, t, posixpath.basename(stem), stem + _EXT, str(exc)))
                         continue
                     if entry is not None:
                         metas.append(entry[0])
         return sorted(metas, key=lambda m: (m.backbone_id, m.task, m.vector_id)), problems
 
     def delete(self, vector_id: str, backbone_id: str | None = None) -> None:
-        """Remove a vector (one file; a legacy pair loses its JSON first, so it disappears at once)."""
+        """Remove a vector (one file; a legacy pair loses its JSON first, so it disappears at once), and any copy
+        under another task of the same backbone that a cut-short move left."""
         stems = self._stems(vector_id, backbone_id)
         if not stems:
             raise UnknownVector(f"no vector {vector_id!r} to delete in {self.uri}")
-        if len(stems) > 1:
-            raise InvalidStoreInput(f"vector id {vector_id!r} is ambiguous, found at {stems}; pass backbone_id")
-        self._remove(stems[0])
+        places = [_place(stem) for stem in stems]
+        if len({bb for bb, _ in places}) > 1:
+            raise InvalidStoreInput(f"vector id {vector_id!r} is ambiguous, found at {places}; pass backbone_id")
+        for stem in stems:
+            self._remove(stem)
 
     def migrate(self) -> dict[str, int]:
         """Rewrite every legacy vector (tensor + JSON) as one self-describing file in place, and remove stale temp
