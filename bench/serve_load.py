@@ -1,19 +1,25 @@
-"""Load and fault test of the Serve app on a local Ray: valid and malformed requests mixed, then a replica killed.
+"""Load and fault test of the Serve app on a local Ray: the split app (HTTP ingress -> model deployment) against a
+one-deployment baseline, valid and malformed requests mixed, then a model replica killed under load.
 
-Phase 1 (steady): 1,000 valid requests (classify under 16 different compositions and a stored one, some generate,
-some listings) at concurrency 32 with 200 malformed ones shuffled in. Must hold: 0 errors on valid requests,
-every malformed one answered 4xx. p50/p99 latency of the valid ones reported.
-Phase 2 (fault): valid requests at concurrency 32; after the first 100 answers one replica process is killed
-(SIGKILL by pid). Serve must replace it; requests that started after recovery (the deployment HEALTHY again with
-all replicas running, a new replica answering) must all succeed. Then one more burst checks the recovered app.
+Phase 0 (split overhead): the same valid requests, one at a time, alternately to the split app and to a
+one-deployment baseline (the same ingress code with the model object in its own process, no handle hop);
+p50/p99 of each and their difference are what the split adds.
+Phase 1 (steady): valid requests (classify under 16 different compositions and a stored one, some generate,
+some listings) at concurrency 32 with malformed ones shuffled in. Must hold: 0 errors on valid requests, every
+malformed one answered 4xx. p50/p99 latency of the valid ones reported.
+Phase 2 (fault): valid requests at concurrency 32; after the first `--kill-after` answers one MODEL replica is
+killed (`ray.kill`, the process dies as in a crash). Requests in flight on it are re-sent by the ingress to the
+other replica: every request of the phase must succeed (`errors_during_fault` 0), before and after Serve
+replaces the replica. Then one more burst checks the recovered app.
 
 Only 127.0.0.1 is contacted. The real default backbone is used (prepared under TPV_HOME on first load).
 
     python bench/serve_load.py [--requests 1000] [--malformed 200] [--concurrency 32] [--replicas 2]
-                               [--fault-requests 400] [--backbone smollm2-135m-instruct]
+                               [--fault-requests 400] [--overhead-requests 100] [--backbone smollm2-135m-instruct]
 
 Last line: {"valid_errors": .., "malformed_not_4xx": .., "p50_ms": .., "p99_ms": .., "throughput_rps": ..,
-"recovery_s": .., "errors_during_fault": .., "errors_after_recovery": ..}
+"recovery_s": .., "errors_during_fault": .., "errors_after_recovery": .., "split_p50_ms": .., "split_p99_ms": ..,
+"one_deployment_p50_ms": .., "one_deployment_p99_ms": .., "split_added_p50_ms": .., "split_added_p99_ms": ..}
 """
 
 from __future__ import annotations
@@ -23,14 +29,14 @@ import asyncio
 import json
 import os
 import random
-import signal
 import socket
 import sys
 import tempfile
 import time
+import types
 from pathlib import Path
 
-import httpx
+import httpx2 as httpx  # huggingface_hub (via transformers) installs it: no extra dependency
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -39,6 +45,7 @@ from tpv.store import VectorStore  # noqa: E402
 from tpv.vectors import TaskPromptVector  # noqa: E402
 
 APP = "tpv-load"
+MONO = "tpv-load-mono"
 L = 50
 TASKS = ["rotten_tomatoes", "tweets", "trec", "sms_spam"]
 TEXTS = [
@@ -163,33 +170,91 @@ def pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(round(q / 100 * (len(values) - 1))))]
 
 
-async def replica_pids(client, replicas: int, tries: int = 200) -> set[int]:
-    pids: set[int] = set()
-    for _ in range(tries):
-        r = await client.get("/v1/health")
-        if r.status_code == 200:
-            pids.add(r.json()["pid"])
-        if len(pids) >= replicas:
-            break
-    return pids
+def model_replicas() -> list[str]:
+    """Actor names of the live model replicas (Serve names them SERVE_REPLICA::<app>#<deployment>#<id>)."""
+    import ray
+
+    names = ray.util.list_named_actors(all_namespaces=True)
+    return sorted(a["name"] for a in names if a["name"].startswith(f"SERVE_REPLICA::{APP}#TPVModel#"))
 
 
 def deployment_healthy(replicas: int) -> bool:
     from ray import serve
 
     app = serve.status().applications.get(APP)
-    if app is None:
+    if app is None or "TPVModel" not in app.deployments:
         return False
-    dep = next(iter(app.deployments.values()))
+    dep = app.deployments["TPVModel"]
     running = dep.replica_states.get("RUNNING", 0)
     return str(dep.status).endswith("HEALTHY") and running >= replicas and sum(dep.replica_states.values()) == running
+
+
+def one_deployment_app(model_config: dict, ingress_config: dict):
+    """The baseline: the same ingress code and model class in ONE deployment (the model object lives in the
+    ingress's process and is awaited directly, with no handle hop)."""
+    from ray import serve
+
+    from serve.app import TPVIngress
+    from serve.model import TPVModel
+
+    class Local:
+        """The model object called like a handle: `.method.remote(*args)` is the coroutine itself."""
+
+        def __init__(self, model) -> None:
+            self.model = model
+
+        def __getattr__(self, name: str):
+            return types.SimpleNamespace(remote=getattr(self.model, name))
+
+    class OneDeployment(TPVIngress.func_or_class):
+        async def __init__(self, model_config: dict) -> None:  # Serve's ingress classes initialise asynchronously
+            model = TPVModel.func_or_class()
+            model.reconfigure(model_config)
+            await super().__init__(Local(model))
+
+    deployment = serve.deployment(OneDeployment, name="TPVOneDeployment", max_ongoing_requests=64,
+                                  ray_actor_options={"num_cpus": 1}, user_config=ingress_config)
+    return deployment.bind(model_config)
+
+
+async def wait_healthy(client, path: str, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if (await client.get(path)).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        await asyncio.sleep(0.5)
+    raise SystemExit(f"{path} did not become healthy within {timeout}s")
+
+
+async def overhead(client, rng: random.Random, comps: list, n: int) -> dict:
+    """The same requests, sequentially, alternating between the split app and the one-deployment baseline."""
+    lat: dict[str, list[float]] = {"split": [], "one": []}
+    errors = 0
+    for i in range(n):
+        texts = rng.sample(TEXTS, 1)
+        body = json.dumps({"inputs": texts, "composition": rng.choice(comps), "task": "rotten_tomatoes"})
+        order = [("split", ""), ("one", "/mono")][:: 1 if i % 2 else -1]
+        for name, prefix in order:
+            status, seconds = await send(client, "POST", f"{prefix}/v1/classify", body)
+            errors += status != 200
+            lat[name].append(seconds * 1000)
+    out = {f"{k}_p{q}_ms": round(pct(v, q), 1) for k, v in lat.items() for q in (50, 99)}
+    print(f"phase 0: {n} requests each, one at a time: split p50 {out['split_p50_ms']} / p99 {out['split_p99_ms']} ms, "
+          f"one deployment p50 {out['one_p50_ms']} / p99 {out['one_p99_ms']} ms ({errors} errors)", flush=True)
+    return {"split_p50_ms": out["split_p50_ms"], "split_p99_ms": out["split_p99_ms"],
+            "one_deployment_p50_ms": out["one_p50_ms"], "one_deployment_p99_ms": out["one_p99_ms"],
+            "split_added_p50_ms": round(out["split_p50_ms"] - out["one_p50_ms"], 1),
+            "split_added_p99_ms": round(out["split_p99_ms"] - out["one_p99_ms"], 1), "overhead_errors": errors}
 
 
 async def main_async(args) -> dict:
     import ray
     from ray import serve
 
-    from serve.app import TPVServer
+    from serve.app import build
     from tpv.backbone import Backbone, BackboneConfig
 
     t0 = time.perf_counter()
@@ -198,15 +263,19 @@ async def main_async(args) -> dict:
     del probe
     env = {k: os.environ[k] for k in ("TPV_HOME",) if k in os.environ}
     env["TOKENIZERS_PARALLELISM"] = "false"
-    ray.init(num_cpus=args.num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=False,
+    ray.init(num_cpus=args.num_cpus or max(os.cpu_count(), args.replicas + 1), include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": env})
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     config = {"store_uri": store.uri, "backbone": args.backbone, "device": "cpu", "max_batch_size": 32,
               "batch_wait_timeout_s": 0.02, "reload_interval_s": 2.0, "torch_threads": args.threads}
-    serve.run(TPVServer.options(user_config=config, num_replicas=args.replicas, max_ongoing_requests=64,
-                                ray_actor_options={"num_cpus": 1}).bind(), name=APP, route_prefix="/")
-    print(f"app up on 127.0.0.1:{port} with {args.replicas} replicas in {time.perf_counter() - t0:.1f}s", flush=True)
+    ingress = {"model_retries": args.retries}
+    serve.run(build({"user_config": config, "num_replicas": args.replicas, "max_ongoing_requests": 64,
+                     "ray_actor_options": {"num_cpus": 1}},
+                    {"user_config": ingress, "ray_actor_options": {"num_cpus": 0}}), name=APP, route_prefix="/")
+    serve.run(one_deployment_app(config, ingress), name=MONO, route_prefix="/mono")
+    print(f"split app (ingress + {args.replicas} model replicas) and one-deployment baseline up on 127.0.0.1:{port} "
+          f"in {time.perf_counter() - t0:.1f}s", flush=True)
 
     rng = random.Random(0)
     comps = compositions()
@@ -217,6 +286,12 @@ async def main_async(args) -> dict:
                                                                "task": "rotten_tomatoes"}))
                 for c in comps for _ in range(args.replicas * 2)]
         await run_load(client, warm, args.concurrency)
+        await wait_healthy(client, "/mono/v1/health")
+        await run_load(client, [("valid", "POST", f"/mono{p}", b) for _, _, p, b in warm], args.concurrency)
+
+        # ---- phase 0: what the split adds, against one deployment, side by side ----
+        split = await overhead(client, rng, comps, args.overhead_requests)
+        serve.delete(MONO)  # its CPU goes back to the load phases
 
         # ---- phase 1: steady load, valid and malformed mixed ----
         jobs = [("valid", *valid_request(rng, comps)) for _ in range(args.requests)]
@@ -243,15 +318,15 @@ async def main_async(args) -> dict:
             print("  valid error:", r, flush=True)
 
         # ---- phase 2: kill a replica under load ----
-        pids = await replica_pids(client, args.replicas)
-        victim = sorted(pids)[0]
+        before = model_replicas()
+        victim = before[0]
         state: dict = {"killed_at": None, "recovered_at": None}
 
         async def on_done(done: int):
             if done == args.kill_after and state["killed_at"] is None:
-                os.kill(victim, signal.SIGKILL)
+                ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
                 state["killed_at"] = time.time()
-                print(f"phase 2: killed replica pid {victim} after {done} answers", flush=True)
+                print(f"phase 2: killed model replica {victim} after {done} answers", flush=True)
 
         async def watch_recovery():
             while state["killed_at"] is None:
@@ -260,7 +335,7 @@ async def main_async(args) -> dict:
                 await asyncio.sleep(0.25)
                 healthy = await asyncio.get_running_loop().run_in_executor(None, deployment_healthy, args.replicas)
                 if healthy:
-                    now = await replica_pids(client, args.replicas, tries=50)
+                    now = model_replicas()
                     if len(now) >= args.replicas and victim not in now:
                         state["recovered_at"] = time.time()
                         return
@@ -280,9 +355,8 @@ async def main_async(args) -> dict:
         burst = await run_load(client, [("valid", *valid_request(rng, comps)) for _ in range(args.burst)],
                                args.concurrency)
         after += [r for r in burst if r["status"] != 200]
-        pids_after = await replica_pids(client, args.replicas)
         print(f"phase 2: {len(fault)} valid requests; replica replaced in {recovered - killed:.1f}s "
-              f"(pids {sorted(pids)} -> {sorted(pids_after)}); {len(during)} failed before recovery "
+              f"({before} -> {model_replicas()}); {len(during)} failed before recovery "
               f"(statuses {sorted({r['status'] for r in during})}), {len(after)} failed after recovery "
               f"(incl. a {args.burst}-request burst)", flush=True)
     serve.delete(APP)
@@ -292,7 +366,7 @@ async def main_async(args) -> dict:
         "valid_errors": len(valid_errors), "malformed_not_4xx": len(not_4xx),
         "p50_ms": round(pct(lat, 50), 1), "p99_ms": round(pct(lat, 99), 1),
         "throughput_rps": round(len(records) / wall, 2), "recovery_s": round(recovered - killed, 2),
-        "errors_during_fault": len(during), "errors_after_recovery": len(after),
+        "errors_during_fault": len(during), "errors_after_recovery": len(after), **split,
     }
 
 
@@ -309,9 +383,12 @@ def main() -> None:
     parser.add_argument("--kill-after", type=int, default=100)
     parser.add_argument("--burst", type=int, default=100)
     parser.add_argument("--recovery-timeout", type=float, default=180)
+    parser.add_argument("--overhead-requests", type=int, default=100, help="phase 0 requests per app")
+    parser.add_argument("--retries", type=int, default=4, help="the ingress's model_retries")
     args = parser.parse_args()
     result = asyncio.run(main_async(args))
-    ok = result["valid_errors"] == 0 and result["malformed_not_4xx"] == 0 and result["errors_after_recovery"] == 0
+    ok = (result["valid_errors"] == 0 and result["malformed_not_4xx"] == 0 and result["errors_during_fault"] == 0
+          and result["errors_after_recovery"] == 0 and result["overhead_errors"] == 0)
     print("PASS" if ok else "FAIL")
     print(json.dumps(result))
     if not ok:

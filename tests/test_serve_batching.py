@@ -31,10 +31,12 @@ OTHER_ONE = ("was", "the", "no")  # another one-token label set: shares the caus
 MULTI = ("true", "false", "neither")  # several tokens each: one row per (source, label)
 
 
-def _vector(task: str, backbone: Backbone, seed: int, scale: float = 0.5, vector_id: str | None = None):
+def _vector(task: str, backbone: Backbone, seed: int, scale: float = 0.5, vector_id: str | None = None,
+            origin_seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     tau = torch.randn(L, backbone.hidden_size, generator=g) * scale
-    return TaskPromptVector.create(tau, task=task, backbone_id=backbone.backbone_id, origin_seed=0, vector_id=vector_id)
+    return TaskPromptVector.create(tau, task=task, backbone_id=backbone.backbone_id, origin_seed=origin_seed,
+                                   vector_id=vector_id)
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +53,7 @@ def _store(tmp_path, backbone: Backbone) -> VectorStore:
     store = VectorStore(tmp_path / "store")
     for i, task in enumerate(["sentiment", "nli", "topic"]):
         for seed in range(2):
-            store.put(_vector(task, backbone, 10 * i + seed))
+            store.put(_vector(task, backbone, 10 * i + seed, origin_seed=seed))  # one vector per origin seed
     return store
 
 
@@ -115,6 +117,9 @@ def test_causal_entries_carry_the_prompt_prefix_and_are_reused(causal, tmp_path)
     assert again is first and server.cached(spec) is first
     assert server.composer.cache_info().misses == before
     assert server.cache.info()["hits"] >= 2
+    # ONE cache per replica: the composer keeps nothing, so the byte bound is spent once
+    assert server.composer.cache_info().entries == 0 and server.composer.cache_info().bytes == 0
+    assert server.cache.info()["bytes"] == first.nbytes()
     # scoring twice through the cached prefix leaves it untouched
     one = score_batch(causal, [ScoreItem(first, SOURCES[:3], ONE_TOKEN)])[0][0]
     two = score_batch(causal, [ScoreItem(first, SOURCES[:3], ONE_TOKEN)])[0][0]
