@@ -18,7 +18,7 @@ Only 127.0.0.1 is contacted. The real default backbone is used (prepared under T
                                [--fault-requests 400] [--overhead-requests 100] [--backbone smollm2-135m-instruct]
 
 Last line: {"valid_errors": .., "malformed_not_4xx": .., "p50_ms": .., "p99_ms": .., "throughput_rps": ..,
-"recovery_s": .., "errors_during_fault": .., "errors_after_recovery": .., "split_p50_ms": .., "split_p99_ms": ..,
+"recovery_s": .., "errors_during_fault": .., "errors_after_recovery": .., "resent_after_kill": .., "split_p50_ms": .., "split_p99_ms": ..,
 "one_deployment_p50_ms": .., "one_deployment_p99_ms": .., "split_added_p50_ms": .., "split_added_p99_ms": ..}
 """
 
@@ -355,6 +355,8 @@ async def main_async(args) -> dict:
         burst = await run_load(client, [("valid", *valid_request(rng, comps)) for _ in range(args.burst)],
                                args.concurrency)
         after += [r for r in burst if r["status"] != 200]
+        resent = (await client.get("/v1/health")).json()["resent"]
+        print(f"phase 2: {resent} requests re-sent by the ingress after the kill", flush=True)
         print(f"phase 2: {len(fault)} valid requests; replica replaced in {recovered - killed:.1f}s "
               f"({before} -> {model_replicas()}); {len(during)} failed before recovery "
               f"(statuses {sorted({r['status'] for r in during})}), {len(after)} failed after recovery "
@@ -366,7 +368,8 @@ async def main_async(args) -> dict:
         "valid_errors": len(valid_errors), "malformed_not_4xx": len(not_4xx),
         "p50_ms": round(pct(lat, 50), 1), "p99_ms": round(pct(lat, 99), 1),
         "throughput_rps": round(len(records) / wall, 2), "recovery_s": round(recovered - killed, 2),
-        "errors_during_fault": len(during), "errors_after_recovery": len(after), **split,
+        "errors_during_fault": len(during), "errors_after_recovery": len(after), "resent_after_kill": resent,
+        **split,
     }
 
 

@@ -131,6 +131,7 @@ class TPVIngress:
     def __init__(self, model: DeploymentHandle) -> None:
         self.model = model
         self.settings = IngressSettings()
+        self.resent = 0  # requests re-sent after their model replica was lost (shown by /v1/health)
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         self.settings = IngressSettings.model_validate(user_config or {})
@@ -151,6 +152,7 @@ class TPVIngress:
                 raise errors.RequestTimeout(f"the model did not answer within {budget:g} s") from None
             except RETRYABLE as exc:
                 logger.warning("tpv: model call %s lost (%s), attempt %d", method, type(exc).__name__, attempt + 1)
+                self.resent += 1
                 wait = min(s.retry_backoff_s * 2**attempt, deadline - time.monotonic())
                 if wait <= 0:
                     break
@@ -215,7 +217,7 @@ class TPVIngress:
     async def health(self) -> HealthResponse:
         """Open (no key): the ingress is up and a model replica answers; what that replica serves."""
         info = await self._call("info", timeout_s=self.settings.health_timeout_s)
-        return HealthResponse(status="ok", auth="open" if auth.KEYRING.open else "keys", **info)
+        return HealthResponse(status="ok", auth="open" if auth.KEYRING.open else "keys", resent=self.resent, **info)
 
 
 def build(model_options: dict[str, Any] | None = None, ingress_options: dict[str, Any] | None = None):

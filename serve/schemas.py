@@ -234,6 +234,7 @@ class HealthResponse(BaseModel):
     reloads: int
     replica: str = Field(description="the model replica that answered")
     auth: Literal["keys", "open"]
+    resent: int = Field(description="model calls this ingress replica re-sent after their model replica was lost")
     prompt_cache: dict[str, int]
     batching: dict[str, Any]
 

@@ -107,6 +107,7 @@ def test_no_request_is_lost_when_a_model_replica_dies(url):
     bodies = _bodies(24)
     alone = [_ll(r.json()) for r in _send_all(url, bodies)]
     victim = _model_replicas()[0]
+    resent = requests.get(f"{url}/v1/health", timeout=10).json()["resent"]
 
     def kill():
         time.sleep(WAIT_S / 2)  # every request is now waiting in a batch on one of the two replicas
@@ -116,6 +117,8 @@ def test_no_request_is_lost_when_a_model_replica_dies(url):
     assert [r.status_code for r in answers] == [200] * len(bodies), [r.text for r in answers if r.status_code != 200]
     for a, r in zip(alone, answers):
         torch.testing.assert_close(_ll(r.json()), a, atol=1e-4, rtol=0)
+    # the kill did cut requests off mid-batch: the ingress re-sent them (and none failed, above)
+    assert requests.get(f"{url}/v1/health", timeout=10).json()["resent"] > resent
     assert victim not in _until_replicas(2)  # Serve replaced the dead replica
 
 
