@@ -7,7 +7,6 @@ and store corruption or an unexpected fault answers a fixed text (the real one g
 from __future__ import annotations
 
 import logging
-import os
 import re
 
 from fastapi import FastAPI, Request

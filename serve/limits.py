@@ -27,9 +27,9 @@ def check_request(req: ClassifyRequest | GenerateRequest, limits: RequestLimits)
     if len(req.inputs) > limits.max_inputs:
         raise LimitExceeded(f"{len(req.inputs)} inputs; the limit is {limits.max_inputs}")
     check_composition(req.composition, limits)
-    if isinstance(req, GenerateRequest) and req.max_new_tokens is not None:
-        if req.max_new_tokens > limits.max_new_tokens:
-            raise LimitExceeded(f"max_new_tokens {req.max_new_tokens} is over the limit {limits.max_new_tokens}")
+    max_new = req.max_new_tokens if isinstance(req, GenerateRequest) else None
+    if max_new is not None and max_new > limits.max_new_tokens:
+        raise LimitExceeded(f"max_new_tokens {max_new} is over the limit {limits.max_new_tokens}")
 
 
 def check_labels(labels: list[str], limits: RequestLimits) -> None:

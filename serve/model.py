@@ -83,8 +83,8 @@ class TPVModel:
             logger.info("tpv: loaded %s on %s in %.1fs", backbone.backbone_id, backbone.device,
                         time.perf_counter() - t0)
         store_uri = settings.store_uri or default_store()
-        cache = dict(reload_interval_s=settings.reload_interval_s, cache_max_entries=settings.cache_max_entries,
-                     cache_max_bytes=settings.cache_max_bytes)
+        cache = {"reload_interval_s": settings.reload_interval_s, "cache_max_entries": settings.cache_max_entries,
+                 "cache_max_bytes": settings.cache_max_bytes}
         if self.server is not None and self.server.backbone is backbone and self.server.store.uri == store_uri:
             self.server.configure(**cache)
             self.server.version(force=True)  # a reconfigure is also a reload of the store

@@ -9,7 +9,7 @@ import time
 import pytest
 import requests
 import torch
-from test_serve_http import L, TEXTS, _ll, _vector, deploy
+from test_serve_http import TEXTS, _ll, _vector, deploy
 
 from tpv.backbone import Backbone, BackboneConfig
 from tpv.store import VectorStore

@@ -170,7 +170,7 @@ def test_concurrent_mixed_compositions_share_a_forward_and_match_each_alone(url)
     for _ in range(3):
         barrier = threading.Barrier(len(bodies))
 
-        def send(body):
+        def send(body, barrier=barrier):
             barrier.wait()
             return _classify(url, body)
 

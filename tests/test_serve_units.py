@@ -6,7 +6,7 @@ import pytest
 
 from serve.auth import ApiKey, AuthSettings, Forbidden, Keyring, Unauthorized, digest
 from serve.errors import BodyTimeout, BodyTooLarge, ModelUnavailable, RequestTimeout, redact, status_of
-from serve.inputs import InputError, rendered_length, render
+from serve.inputs import InputError, render, rendered_length
 from tpv.compose import CompositionError
 from tpv.errors import ConflictError, CorruptData, Unavailable
 from tpv.store import CorruptVector, NotFound, UnknownVector
