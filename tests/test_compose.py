@@ -7,7 +7,16 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from tpv.compose import Composer, CompositionError, CompositionSpec, CompositionTerm, UnknownVector
+from tpv.compose import (
+    Composer,
+    CompositionBody,
+    CompositionError,
+    CompositionSpec,
+    CompositionTerm,
+    UnknownVector,
+    prompt_length_of,
+    task_vectors,
+)
 from tpv.merge import merge
 from tpv.store import NotFound, VectorStore
 from tpv.vectors import TaskPromptVector
@@ -319,3 +328,58 @@ def test_named_compositions(store):
     store.put_composition("gemma", "misfiled", spec.model_dump(mode="json"))
     with pytest.raises(CompositionError, match="gemma"):
         composer.named("gemma", "misfiled")
+
+
+# ---- the task-term rule ------------------------------------------------------------------------------------------
+
+def _tagged(seed: int, task: str, source: str | None, **kw) -> TaskPromptVector:
+    return TaskPromptVector.create(_randn(L, D, seed=seed + 1000 * sum(map(ord, source or ""))), task=task, backbone_id=BB,
+                                   origin_seed=kw.get("origin_seed", seed), source=source)
+
+
+def test_a_task_term_is_the_seed_mean_of_one_job_s_vectors(tmp_path):
+    store = VectorStore(tmp_path)
+    a = [_tagged(s, "mnli", "tpv sweep a") for s in (0, 1, 2)]
+    b = [_tagged(s, "mnli", "tpv sweep b") for s in (0, 1)]
+    for v in a + b:
+        store.put(v)
+    composer = Composer(store, origin_fn)
+    # two trainings of (mnli, seed 0): averaging them silently would mix recipes, so the term must say which
+    with pytest.raises(CompositionError, match="several vectors for one origin seed"):
+        composer.compose(_spec({"task": "mnli"}))
+    out = composer.compose(_spec({"task": "mnli", "source": "tpv sweep a"}))
+    expected = origin_fn(L, 0) + torch.stack([v.tensor for v in a]).mean(0)
+    assert torch.allclose(out, expected, atol=1e-6)
+    out = composer.compose(_spec({"task": "mnli", "source": "tpv sweep b", "seeds": [1]}))
+    assert torch.allclose(out, origin_fn(L, 0) + b[1].tensor, atol=1e-6)
+    metas = task_vectors(store, BB, "mnli", L, seeds=[2, 0], source="tpv sweep a")
+    assert [m.origin_seed for m in metas] == [0, 2] and [m.vector_id for m in metas] == [a[0].vector_id, a[2].vector_id]
+    with pytest.raises(UnknownVector, match="seeds \\[7\\]"):
+        task_vectors(store, BB, "mnli", L, seeds=[7], source="tpv sweep a")
+
+
+def test_a_task_term_never_reads_stored_compositions(tmp_path):
+    store = VectorStore(tmp_path)
+    task_vec = _tagged(0, "mnli", None)
+    store.put(task_vec)
+    composition = TaskPromptVector.create(_randn(L, D, seed=99), task="mnli", backbone_id=BB, origin_seed=1,
+                                          kind="composition")
+    store.put(composition)
+    out = Composer(store, origin_fn).compose(_spec({"task": "mnli"}))
+    assert torch.allclose(out, origin_fn(L, 0) + task_vec.tensor, atol=1e-6)
+    # ... but a stored composition can still be named by its id
+    out = Composer(store, origin_fn).compose(_spec({"vector_id": composition.vector_id}))
+    assert torch.allclose(out, origin_fn(L, 0) + composition.tensor, atol=1e-6)
+
+
+def test_the_prompt_length_is_the_one_the_named_vectors_share(tmp_path):
+    store = VectorStore(tmp_path)
+    store.put(_vec(0, "mnli"))
+    store.put(_vec(1, "long", length=L + 2))
+    assert prompt_length_of(store, BB, CompositionBody(terms=[{"task": "mnli"}])) == L
+    assert prompt_length_of(store, BB, CompositionBody(terms=[{"task": "long"}])) == L + 2
+    with pytest.raises(CompositionError, match="different prompt lengths"):
+        prompt_length_of(store, BB, CompositionBody(terms=[{"task": "mnli"}, {"task": "long"}]))
+    body = CompositionBody(terms=[{"task": "mnli", "weight": 0.5}], coefficient=2.0)
+    spec = body.applied(BB, 3, L)
+    assert (spec.origin_seed, spec.prompt_length, spec.terms, spec.coefficient) == (3, L, body.terms, 2.0)

@@ -30,6 +30,22 @@ TRAIN = {"max_steps": 8, "eval_every": 4, "prompt_length": 4, "eval_examples": 8
          "warmup_steps": 1}
 
 
+def dies_once_after_a_checkpoint(task: str, seed: int, marker: str):
+    """A test-only trainable: tune_jobs' own trial, whose (task, seed) worker dies once after its first checkpoint
+    unless `marker` exists (then it creates it), as a killed worker looks to Ray."""
+    from tune_jobs.trial import train_trial
+
+    def trainable(config: dict) -> None:
+        def after_checkpoint(spec, step: int) -> None:
+            if (spec.train.task, spec.train.seed) == (task, seed) and not Path(marker).exists():
+                Path(marker).write_text(f"{spec.label} died after step {step}\n")
+                os._exit(17)
+
+        train_trial(config, after_checkpoint=after_checkpoint)
+
+    return trainable
+
+
 def write_builtin_task(task: str, rows: list[dict]) -> None:
     folder = data_dir() / task
     folder.mkdir(parents=True, exist_ok=True)
@@ -108,14 +124,13 @@ def test_rerun_skips_the_stored_pairs(swept, tiny_causal_path, tasks):
 def test_killed_trial_resumes_from_its_checkpoint(swept, tiny_causal_path, tasks, tmp_path):
     """The imdb/s0 trial dies (os._exit) after its first checkpoint; Tune retries it from that checkpoint and
     the resumed run writes exactly the vector an uninterrupted run wrote: none lost, none duplicated."""
-    from tune_jobs.sweep import FaultInjection, run_sweep
+    from tune_jobs.sweep import run_sweep
 
     _, clean, _ = swept
     marker = tmp_path / "died-once"
     store = tmp_path / "store"
-    config = sweep_config(tiny_causal_path, store, ["imdb"], [0, 1], name="faulty",
-                          fault_injection=FaultInjection(task="imdb", seed=0, marker=str(marker)))
-    outcome = run_sweep(config)
+    config = sweep_config(tiny_causal_path, store, ["imdb"], [0, 1], name="faulty")
+    outcome = run_sweep(config, trainable=dies_once_after_a_checkpoint("imdb", 0, str(marker)))
     assert marker.read_text().startswith("imdb/s0 died after step 4")
     rows = {r["pair"]: r for r in outcome["rows"]}
     assert rows["imdb/s0"]["status"] == "trained (resumed at step 4)"
@@ -164,14 +179,17 @@ def test_similarity_report_tables_and_heatmap(swept, tmp_path):
     _, _, store = swept
     result = similarity_report(str(store), tmp_path, tasks=["imdb", "trec"], seeds=[0, 1])
     assert result["labels"] == ["imdb/s0", "imdb/s1", "trec/s0", "trec/s1"]
-    matrix = result["matrices"]["row_mean"]
+    assert list(result["matrices"]) == ["flat", "per_row_mean", "row_averaged"]
+    matrix = result["matrices"]["flat"]
     assert matrix.shape == (4, 4) and abs(matrix[0, 0] - 1.0) < 1e-6 and abs(matrix[0, 1] - matrix[1, 0]) < 1e-9
-    kinds = [r["pairs"] for r in result["summary"]["row_mean"]]
-    assert kinds == ["same task, different origin", "different task, same origin", "different task, different origin"]
-    assert [r["n"] for r in result["summary"]["row_mean"]] == [2, 2, 2]
+    kinds = [r["pairs"] for r in result["summary"]["flat"]]
+    assert kinds == ["same task, different origin", "different task, different origin", "different task, same origin"]
+    assert [r["n"] for r in result["summary"]["flat"]] == [2, 2, 2]
+    same_task = (matrix[0, 1] + matrix[2, 3]) / 2
+    assert abs(result["summary"]["flat"][0]["mean"] - same_task) < 1e-9
     png = Path(result["paths"]["heatmap"])
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
-    assert "imdb/s1" in Path(result["paths"]["row_mean_csv"]).read_text()
+    assert "imdb/s1" in Path(result["paths"]["flat_csv"]).read_text()
     assert main(["--store", str(store), "--out", str(tmp_path / "cli"), "--tasks", "imdb", "trec"]) == 0
     assert (tmp_path / "cli" / "similarity" / "similarity.md").is_file()
 
@@ -212,11 +230,66 @@ def test_transfer_runs_every_init_and_writes_tables(swept, tiny_causal_path, tmp
 
 
 def test_clis_have_help(capsys):
-    from tune_jobs import main_job, report, sweep, transfer, weights
+    from tune_jobs import addition, main_job, report, study, sweep, transfer, weights
 
-    for module in (sweep, report, transfer, weights, main_job):
+    for module in (sweep, report, transfer, weights, main_job, study, addition):
         with pytest.raises(SystemExit) as exit_info:
             module.main(["--help"])
         assert exit_info.value.code == 0
     out = capsys.readouterr().out
     assert "tpv sweep" in out and "tpv transfer" in out and "tpv search-weights" in out and "tpv demo" in out
+    assert "tpv study" in out and "tpv addition" in out
+
+
+def test_addition_job_tables_plot_and_weight_search(swept, tiny_causal_path, tmp_path):
+    from tune_jobs.addition import AdditionConfig, run_addition_job
+    from tune_jobs.locations import Locations
+
+    _, _, store = swept
+    config = AdditionConfig(
+        name="tiny-addition", tasks=["imdb", "trec"], seeds=[0, 1], backbone=str(tiny_causal_path), grid_step=0.5,
+        weight_samples=2, eval_examples=8, test_examples=8,
+        locations=Locations(store=str(store), storage_path=str(tmp_path / "ray_results"),
+                            out_dir=str(tmp_path / "reports")),
+    )
+    result = run_addition_job(config)
+    assert result["failed"] == 0
+    cells = {(r["combination"], r["rule"], r["task"]) for r in result["rows"]}
+    assert cells == {("imdb + trec", rule, task) for rule in ("paper", "weights") for task in ("imdb", "trec")}
+    assert all(r["labels"] == "disjoint" for r in result["rows"])  # negative/positive vs question types
+    long_rows = result["long_rows"]
+    assert {(r["rule"], r["origin_seed"]) for r in long_rows} == {(rule, s) for rule in ("paper", "weights")
+                                                                   for s in (0, 1)}
+    assert all(r["coefficient"] in (0.0, 0.5, 1.0) for r in long_rows if r["rule"] == "paper")
+    for r in long_rows:  # retention is combined / single, per origin
+        assert r["retention"] == pytest.approx(r["combined"] / r["single"]) if r["single"] else True
+    assert Path(result["paths"]["plot"]).read_bytes()[:4] == b"\x89PNG"
+    assert "retention %" in Path(result["paths"]["markdown"]).read_text()
+
+
+def test_study_scores_every_recipe_and_length(swept, tiny_causal_path, tasks, tmp_path):
+    from tune_jobs.locations import Locations
+    from tune_jobs.study import StudyConfig, rank_key, run_study
+
+    config = StudyConfig(
+        name="tiny-study", tasks=["imdb", "trec"], seeds=[0, 1], target="yelp", target_seeds=[100],
+        backbone=str(tiny_causal_path), train={k: v for k, v in TRAIN.items() if k not in ("max_steps", "eval_every")},
+        grid={"lr": [0.3, 0.01]}, steps=[4, 8], eval_examples=8, test_examples=8, addition_step=0.5,
+        locations=Locations(store=str(tmp_path / "store"), storage_path=str(tmp_path / "ray_results"),
+                            out_dir=str(tmp_path / "reports")),
+    )
+    result = run_study(config)
+    assert result["failed"] == 0
+    assert {(r["recipe"], r["steps"]) for r in result["rows"]} == {(f"lr={lr}", s) for lr in (0.3, 0.01) for s in (4, 8)}
+    assert [rank_key(r) for r in result["rows"]] == sorted((rank_key(r) for r in result["rows"]), reverse=True)
+    store = VectorStore(tmp_path / "store")
+    # one final vector per run plus a snapshot per scored length, each set named by its own source
+    assert len(store.list(kind="task")) == 2 * 2 * 2 * 3
+    for row in result["rows"]:
+        assert row["gap"] == pytest.approx(row["same_task"] - max(row["diff_task"], row["same_origin"]))
+        assert row["zero_shot_gain"] == pytest.approx(row["tpv_zero_shot"] - row["random_zero_shot"])
+        assert 0.0 <= row["val"] <= 1.0 and row["tau_norm"] > 0
+    # a longer run moved further from its origin than its 4-step snapshot (same recipe)
+    norms = {(r["recipe"], r["steps"]): r["tau_norm"] for r in result["rows"]}
+    assert norms[("lr=0.3", 8)] > norms[("lr=0.3", 4)]
+    assert "winner:" in Path(result["paths"]["markdown"]).read_text()

@@ -12,8 +12,10 @@ from tpv.vectors import (
     TaskPromptVector,
     VectorError,
     VectorMeta,
+    SIMILARITY_MODES,
     cosine_similarity,
     make_vector_id,
+    similarity_by_pair_kind,
     similarity_matrix,
     tensor_sha256,
 )
@@ -125,22 +127,48 @@ def test_check_compatible_names_both_sides():
 def test_cosine_modes_on_hand_computed_inputs():
     a = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     b = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
-    assert cosine_similarity(a, b, "row_mean") == pytest.approx(1.0)  # each row points the same way
+    assert cosine_similarity(a, b, "per_row_mean") == pytest.approx(1.0)  # each row points the same way
     assert cosine_similarity(a, b, "flat") == pytest.approx(3 / math.sqrt(10))
+    assert cosine_similarity(a, b, "row_averaged") == pytest.approx(3 / math.sqrt(10))  # [.5,.5] vs [.5,1]
     c = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
-    assert cosine_similarity(a, c, "row_mean") == pytest.approx(0.5)  # rows: cos 1 and cos 0
+    assert cosine_similarity(a, c, "per_row_mean") == pytest.approx(0.5)  # rows: cos 1 and cos 0
     assert cosine_similarity(a, -a) == pytest.approx(-1.0)
-    assert cosine_similarity(a, -a, "flat") == pytest.approx(-1.0)
+    assert cosine_similarity(a, -a, "per_row_mean") == pytest.approx(-1.0)
     zero_row = torch.tensor([[1.0, 0.0], [0.0, 0.0]])
-    assert cosine_similarity(a, zero_row) == pytest.approx(0.5)  # the zero row counts as 0
+    assert cosine_similarity(a, zero_row, "per_row_mean") == pytest.approx(0.5)  # the zero row counts as 0
 
 
-def test_row_mean_matches_torch_and_accepts_vectors():
+def test_the_three_measures_disagree_on_one_pair():
+    """Rows that cancel when averaged: flat sees orthogonal vectors, per-row sees identical rows half the time,
+    row-averaged sees the mean rows only."""
+    a = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0]])
+    b = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    assert cosine_similarity(a, b, "flat") == pytest.approx(1 / 3)  # (1 - 1 + 1) / (sqrt3 * sqrt3)
+    assert cosine_similarity(a, b, "per_row_mean") == pytest.approx(1 / 3)  # (1 - 1 + 1) / 3
+    assert cosine_similarity(a, b, "row_averaged") == pytest.approx(1 / math.sqrt(5))  # [0, 1/3] vs [2/3, 1/3]
+    d = torch.tensor([[2.0, 0.0], [0.0, 0.1]])
+    e = torch.tensor([[2.0, 0.0], [0.0, -0.1]])
+    assert cosine_similarity(d, e, "per_row_mean") == pytest.approx(0.0)  # rows: +1 and -1
+    assert cosine_similarity(d, e, "flat") == pytest.approx((4 - 0.01) / 4.01)  # the big row dominates
+
+
+def test_flat_is_the_default_and_matches_torch():
     a, b = _vec(0), _vec(1)
-    expected = torch.nn.functional.cosine_similarity(a.tensor, b.tensor, dim=1).mean().item()
-    assert cosine_similarity(a, b) == pytest.approx(expected, abs=1e-6)
     flat = torch.nn.functional.cosine_similarity(a.tensor.flatten(), b.tensor.flatten(), dim=0).item()
-    assert cosine_similarity(a, b.tensor, mode="flat") == pytest.approx(flat, abs=1e-6)
+    assert cosine_similarity(a, b) == pytest.approx(flat, abs=1e-6)
+    per_row = torch.nn.functional.cosine_similarity(a.tensor, b.tensor, dim=1).mean().item()
+    assert cosine_similarity(a, b.tensor, mode="per_row_mean") == pytest.approx(per_row, abs=1e-6)
+    averaged = torch.nn.functional.cosine_similarity(a.tensor.mean(0), b.tensor.mean(0), dim=0).item()
+    assert cosine_similarity(a, b, mode="row_averaged") == pytest.approx(averaged, abs=1e-6)
+
+
+def test_pair_kinds_group_a_similarity_matrix():
+    metas = [_vec(i, task=t).meta.model_copy(update={"origin_seed": s})
+             for i, (t, s) in enumerate([("a", 0), ("a", 1), ("b", 0), ("b", 1)])]
+    matrix = np.arange(16, dtype=float).reshape(4, 4)
+    groups = similarity_by_pair_kind(metas, matrix)
+    assert groups == {"same_task": [matrix[0, 1], matrix[2, 3]], "diff_task": [matrix[0, 3], matrix[1, 2]],
+                      "same_origin": [matrix[0, 2], matrix[1, 3]]}
 
 
 def test_cosine_bad_inputs():
@@ -161,7 +189,7 @@ def test_cosine_bad_inputs():
 
 def test_similarity_matrix():
     vs = [_vec(0), _vec(1), _vec(2)]
-    for mode in ("row_mean", "flat"):
+    for mode in SIMILARITY_MODES:
         labels, sim = similarity_matrix(vs, mode)
         assert labels == [v.vector_id for v in vs]
         assert sim.shape == (3, 3) and sim.dtype == np.float64

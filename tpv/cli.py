@@ -49,15 +49,21 @@ def _backbone(args):
 def _parse_spec(args, backbone_id: str, prompt_length: int | None = None) -> dict:
     """A composition from --spec JSON, a stored --name, or --term task=weight pairs."""
     if args.spec:
-        spec = json.loads(Path(args.spec[1:]).read_text() if args.spec.startswith("@") else args.spec)
+        try:
+            spec = json.loads(Path(args.spec[1:]).read_text() if args.spec.startswith("@") else args.spec)
+        except json.JSONDecodeError as exc:
+            raise InvalidInput(f"--spec is not JSON: {exc}") from None
     else:
         terms = []
         for term in args.term:
             key, _, weight = term.partition("=")
             field = "vector_id" if args.by_id else "task"
-            terms.append({field: key, "weight": float(weight or 1.0)})
+            try:
+                terms.append({field: key, "weight": float(weight or 1.0)})
+            except ValueError:
+                raise InvalidInput(f"--term {term!r}: the weight after '=' must be a number") from None
         if not terms:
-            raise ValueError("give a composition: --term TASK=WEIGHT (repeatable), --spec JSON or --spec @file.json")
+            raise InvalidInput("give a composition: --term TASK=WEIGHT (repeatable), --spec JSON or --spec @file.json")
         spec = {"terms": terms, "method": args.method, "coefficient": args.coefficient}
     spec.setdefault("backbone_id", backbone_id)
     spec.setdefault("origin_seed", args.origin_seed)
@@ -67,14 +73,11 @@ def _parse_spec(args, backbone_id: str, prompt_length: int | None = None) -> dic
 
 
 def _prompt_length_of(store, spec: dict, backbone_id: str) -> int:
-    """The prompt length of the first stored vector a composition names."""
-    term = spec["terms"][0]
-    if term.get("vector_id"):
-        return store.get(term["vector_id"], backbone_id).meta.prompt_length
-    metas = store.list(backbone_id=backbone_id, task=term.get("task"))
-    if not metas:
-        raise LookupError(f"no stored vector for task {term.get('task')!r} on backbone {backbone_id!r}")
-    return metas[0].prompt_length
+    """The prompt length the composition's vectors share (the one rule, tpv.compose.prompt_length_of)."""
+    from tpv.compose import CompositionBody, prompt_length_of
+
+    body = CompositionBody.model_validate({k: spec[k] for k in ("terms", "method", "coefficient", "params") if k in spec})
+    return prompt_length_of(store, backbone_id, body)
 
 
 # ---- commands ---------------------------------------------------------------------------------------------------
@@ -90,7 +93,7 @@ def cmd_tasks(args) -> None:
 
     if args.action == "add":
         if not args.file:
-            raise ValueError("tasks add needs a task config file (YAML or JSON)")
+            raise InvalidInput("tasks add needs a task config file (YAML or JSON)")
         spec = register_task_file(args.file, overwrite=args.overwrite, persist=True)
         print(f"added task {spec.name!r} ({spec.metric}, labels: {', '.join(spec.labels) or 'regression'})")
         return
@@ -144,11 +147,12 @@ def cmd_vectors(args) -> None:
         metas = store.list(backbone_id=args.backbone_id, task=args.task, seed=args.seed)
         for m in metas:
             metric = {k: round(v, 4) for k, v in m.metrics.items() if isinstance(v, float) and k in ("accuracy", "f1", "macro_f1", "pearson")}
-            print(f"{m.vector_id:40s} {m.backbone_id:24s} {m.task:18s} seed={m.origin_seed:<4d} L={m.prompt_length:<4d} {metric}")
+            print(f"{m.vector_id:40s} {m.backbone_id:24s} {m.task:18s} seed={m.origin_seed:<4d} L={m.prompt_length:<4d} "
+                  f"{metric} source={m.source!r}")
         print(f"{len(metas)} vector(s) in {args.store}")
     elif args.action == "show":
         if not args.ids:
-            raise ValueError("vectors show needs a vector id")
+            raise InvalidInput("vectors show needs a vector id")
         for vector_id in args.ids:
             v = store.get(vector_id)
             print(json.dumps(v.meta.model_dump() | {"norm": float(v.tensor.norm())}, indent=2))
@@ -157,7 +161,7 @@ def cmd_vectors(args) -> None:
 
         ids = args.ids or [m.vector_id for m in store.list(backbone_id=args.backbone_id, task=args.task)]
         if len(ids) < 2:
-            raise ValueError("similarity needs at least two vectors (ids, or a store holding them)")
+            raise InvalidInput("similarity needs at least two vectors (ids, or a store holding them)")
         vectors = [store.get(i) for i in ids]
         labels, matrix = similarity_matrix({f"{v.meta.task}/s{v.meta.origin_seed}": v for v in vectors}, args.mode)
         width = max(len(lab) for lab in labels)

@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from tpv.errors import InvalidInput
 from tpv.merge import MergeError, check_inputs, get_method, merge, parse_params
 from tpv.names import Name
-from tpv.store import UnknownVector, VectorStore
+from tpv.store import CorruptVector, UnknownVector, VectorStore
 from tpv.vectors import VectorMeta
 
 __all__ = [
@@ -142,6 +142,8 @@ def task_vectors(
              if (seeds is None or m.origin_seed in seeds) and (source is None or m.source == source)]
     narrowed = " and ".join(x for x in (
         f"seeds {seeds}" if seeds is not None else "", f"source {source!r}" if source is not None else "") if x)
+    if not metas and store.problems(backbone_id, task):  # only unreadable entries: the store's fault, not "none"
+        raise CorruptVector(f"the stored vectors of task {task!r} on backbone {backbone_id!r} are unreadable")
     if not metas:
         raise UnknownVector(f"no task vectors for task {task!r} on backbone {backbone_id!r}"
                             + (f" with {narrowed}" if narrowed else ""))
@@ -171,6 +173,8 @@ def _term_metas(store: VectorStore, backbone_id: str, term: CompositionTerm, pro
     if term.task is not None:
         return task_vectors(store, backbone_id, term.task, prompt_length, term.seeds, term.source)
     matches = [m for m in store.list(backbone_id) if m.vector_id == term.vector_id]
+    if not matches and any(p.vector_id == term.vector_id for p in store.problems(backbone_id)):
+        raise CorruptVector(f"the stored vector {term.vector_id!r} is unreadable")
     if not matches:
         elsewhere = sorted({m.backbone_id for m in store.list() if m.vector_id == term.vector_id})
         if elsewhere:

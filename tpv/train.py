@@ -64,7 +64,8 @@ class TrainConfig(BaseModel):
     epochs: float = Field(10, gt=0)
     max_steps: int | None = Field(None, ge=1, description="overrides epochs")
     shots: int | None = Field(None, ge=1, description="few-shot: k training examples per class")
-    max_train_examples: int | None = Field(None, ge=1)
+    max_train_examples: int | None = Field(None, ge=1, description="subsample of a full-data run (few-shot runs "
+                                           "draw their k per class from the whole train split)")
     eval_every: int = Field(200, ge=1)
     eval_examples: int | None = Field(1000, ge=1, description="validation examples per evaluation (None: all)")
     eval_batch_size: int = Field(32, ge=1)
@@ -221,6 +222,11 @@ def _schedule(config: TrainConfig, backbone: Backbone, total: int) -> Callable[[
     return factor
 
 
+def total_steps(config: TrainConfig, n_train: int) -> int:
+    """The steps a run takes: max_steps, else `epochs` passes over its n_train training examples."""
+    return config.max_steps or max(1, math.ceil(config.epochs * steps_per_epoch(n_train, config.batch_size)))
+
+
 def steps_per_epoch(n: int, batch_size: int) -> int:
     """One epoch sees every example once: ceil(n / batch_size) batches, the last one short when n % batch_size."""
     return max(1, math.ceil(n / batch_size))
@@ -253,7 +259,7 @@ def train(
     origin = make_origin(backbone, length, config.seed)
     prompt = SoftPrompt(resume.prompt if resume else initial_prompt(config, backbone, origin, store)).to(backbone.device)
     optimizer = torch.optim.AdamW(prompt.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    total = config.max_steps or max(1, math.ceil(config.epochs * steps_per_epoch(len(train_set), config.batch_size)))
+    total = total_steps(config, len(train_set))
     factor, start = _schedule(config, backbone, total), resume.step if resume else 0
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: factor(s + start))
     state = resume or TrainCheckpoint(

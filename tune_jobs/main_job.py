@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     init_ray(args.address, args.num_cpus)
 
     stage(2, f"sweep: {len(args.tasks)} tasks x {len(args.seeds)} origin seeds, preset {args.preset}")
-    from tune_jobs.sweep import SweepConfig, run_sweep, source_tag
+    from tune_jobs.sweep import SweepConfig, run_sweep
 
     train = {"max_steps": args.steps} if args.steps else {}
     sweep_cfg = SweepConfig(name="demo-sweep", tasks=args.tasks, seeds=args.seeds, backbones=[args.backbone],
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     if swept["failed"]:
         print(f"{swept['failed']} sweep trial(s) failed; run `tpv demo` again to retry them", flush=True)
         return 1
-    vectors = source_tag(swept["experiment"])
+    vectors = swept["source"]
 
     stage(3, "similarity of the swept vectors (flat cosine, the paper's measure)")
     from tune_jobs.report import similarity_report
@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
 def serve_stage(args, store_uri: str, sources: list[str], vectors: str, name: str) -> dict[str, Any]:
     """Store the target's TPV composition (the sources' seed-mean vectors summed on the first transfer origin), serve
     it, and compare the served scores with tpv's own."""
-    from tpv.backbone import BackboneConfig, backbone_id_for
+    from tpv.backbone import backbone_id_for
     from tpv.compose import Composer, CompositionBody, prompt_length_of
     from tpv.store import VectorStore
     from tpv.tasks import load_split
@@ -210,10 +210,8 @@ def serve_stage(args, store_uri: str, sources: list[str], vectors: str, name: st
     body = CompositionBody(terms=[{"task": s, "seeds": args.seeds, "source": vectors} for s in sources])
     spec = body.applied(bb_id, args.transfer_seeds[0], prompt_length_of(store, bb_id, body))
     Composer(store, lambda n, s: None).save_named(name, spec, overwrite=True)
-    preset = PRESETS[args.preset]
-    backbone = BackboneConfig(model=args.backbone, **preset.get("backbone", {}))
     examples = load_split(args.target, "test", limit=TRANSFER["test_examples"], seed=0)
-    check = serve_and_check(store_uri, backbone, name, args.target, examples, num_cpus=args.cpus_per_trial)
+    check = serve_and_check(store_uri, args.backbone, name, args.target, examples, num_cpus=args.cpus_per_trial)
     print(f"served {check.examples} sentences at {check.url} in {check.seconds:.0f}s: accuracy "
           f"{check.served_accuracy:.3f} (offline {check.offline_accuracy:.3f}), largest probability difference "
           f"{check.max_prob_diff:.2e}", flush=True)

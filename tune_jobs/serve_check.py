@@ -1,9 +1,10 @@
 """Serve a stored composition and check it over real HTTP against the library (the main job's last stage).
 
-Starts the Serve app (serve.app.build: ingress + model deployments) on the store on 127.0.0.1, classifies examples
-through `POST /v1/classify` with a stored composition name, computes the same scores offline with tpv (Composer +
-Backbone.score_labels on the same inputs), and reports the largest difference and both accuracies. Serve is shut
-down at the end, whatever happened.
+Starts Serve on 127.0.0.1 with the app (serve.app.build: ingress + model deployments) on the store, classifies
+examples through `POST /v1/classify` with a stored composition name, computes the same scores offline with tpv
+(Composer + Backbone.score_labels on the same inputs), and reports the largest difference and both accuracies. It
+owns the Serve instance it starts and shuts it down at the end, whatever happened; it refuses to touch a Serve
+that is already running on the cluster (someone's apps).
 """
 
 from __future__ import annotations
@@ -18,7 +19,12 @@ from typing import Any
 from pydantic import BaseModel
 
 from tpv.backbone import Backbone, BackboneConfig
+from tpv.errors import ConflictError
 from tpv.tasks import Example
+
+
+class ServeAlreadyRunning(ConflictError):
+    """The cluster already runs Serve; the check starts and stops its own."""
 
 
 class ServeCheck(BaseModel):
@@ -69,9 +75,13 @@ def offline_probabilities(backbone: Backbone, prompt, examples: list[Example], l
     return torch.softmax(scores.float(), dim=1).tolist()
 
 
-def serve_and_check(store: str, backbone: BackboneConfig, composition: str, task: str, examples: list[Example],
-                    num_cpus: float = 1.0, batch: int = 16, timeout_s: float = 300.0) -> ServeCheck:
-    """Serve `composition` from `store`, classify `examples` of `task` over HTTP, compare with tpv offline."""
+def serve_and_check(store: str, model: str, composition: str, task: str, examples: list[Example],
+                    num_cpus: float = 1.0, batch: int = 16, max_input_tokens: int = 256,
+                    timeout_s: float = 300.0) -> ServeCheck:
+    """Serve `composition` from `store`, classify `examples` of `task` over HTTP, compare with tpv offline.
+
+    The server refuses inputs over `max_input_tokens` (it never truncates), so tpv scores offline with the same
+    bound: both sides see every input whole."""
     from ray import serve
 
     from serve.app import build
@@ -80,13 +90,17 @@ def serve_and_check(store: str, backbone: BackboneConfig, composition: str, task
     from tpv.store import VectorStore
     from tpv.tasks import get_task
 
+    if serve.status().proxies:
+        raise ServeAlreadyRunning("Serve is already running on this Ray cluster: stop it (`serve shutdown`) or "
+                                  "skip this check (`tpv demo --skip-serve`); the check never touches others' apps")
     started = time.perf_counter()
     labels = get_task(task).labels
-    model = Backbone.load(backbone)
-    composer = Composer(VectorStore(store), lambda n, s: make_origin(model, n, s))
-    offline = offline_probabilities(model, composer.compose_named(model.backbone_id, composition), examples, labels)
+    backbone = Backbone.load(BackboneConfig(model=model, max_source_tokens=max_input_tokens))
+    composer = Composer(VectorStore(store), lambda n, s: make_origin(backbone, n, s))
+    prompt = composer.compose_named(backbone.backbone_id, composition)
+    offline = offline_probabilities(backbone, prompt, examples, labels)
     port = free_port()
-    settings = {"store_uri": store, "backbone": backbone.model, "max_input_tokens": backbone.max_source_tokens}
+    settings = {"store_uri": store, "backbone": model, "max_input_tokens": max_input_tokens}
     app = build(model_options={"num_replicas": 1, "ray_actor_options": {"num_cpus": num_cpus},
                                "user_config": settings})
     serve.start(http_options={"host": "127.0.0.1", "port": port})

@@ -57,10 +57,14 @@ class StudyConfig(JobConfig):
     tasks: list[str] = Field(min_length=2, description="source tasks")
     seeds: list[int] = Field(default_factory=lambda: [0, 1], min_length=2, description="origin seeds")
     target: str = Field(description="held-out target of the zero-shot test (never one of the tasks)")
+    target_sources: list[str] | None = Field(None, description="the tasks whose vectors are summed for the target "
+                                             "(default: all tasks)")
     target_seeds: list[int] = Field(default_factory=lambda: [100], min_length=1,
                                     description="origins of the zero-shot test (none of the training seeds)")
     backbone: str = DEFAULT_BACKBONE
     preset: PresetName = Field("causal_cpu", description="the recipe every study recipe overrides")
+    train: dict[str, Any] = Field(default_factory=dict, description="TrainConfig fields over the preset, shared by "
+                                  "every recipe (a recipe's own fields win)")
     recipes: dict[str, dict[str, Any]] = Field(default_factory=dict, description="name -> TrainConfig fields")
     grid: dict[str, list[Any]] = Field(default_factory=dict, description="TrainConfig field -> values; every "
                                        "combination is a recipe (besides `recipes`)")
@@ -90,7 +94,7 @@ class StudyConfig(JobConfig):
     def train_config(self, overrides: dict[str, Any], task: str, seed: int) -> TrainConfig:
         """One run of a recipe: as long as the longest scored length, evaluated at every scored length."""
         every = math.gcd(*self.steps)
-        data = deep_merge(overrides, {"seed": seed, "max_steps": max(self.steps), "eval_every": every,
+        data = deep_merge(deep_merge(self.train, overrides), {"seed": seed, "max_steps": max(self.steps), "eval_every": every,
                                       "progress": False, "backbone": {"model": self.backbone}})
         return TrainConfig.preset(self.preset, task, **data)
 
@@ -106,6 +110,7 @@ class ScoreSpec(BaseModel):
     tasks: list[str]
     seeds: list[int]
     target: str
+    target_sources: list[str]
     target_seeds: list[int]
     store: str
     backbone: BackboneConfig
@@ -145,7 +150,8 @@ def score_vectors(spec: ScoreSpec) -> dict[str, float]:
     tpv, random = [], []
     for seed in spec.target_seeds:
         summed = CompositionSpec(backbone_id=bb, origin_seed=seed, prompt_length=length, method="weighted",
-                                 terms=[{"task": t, "seeds": spec.seeds, "source": spec.source} for t in spec.tasks])
+                                 terms=[{"task": t, "seeds": spec.seeds, "source": spec.source}
+                                        for t in spec.target_sources])
         tpv.append(evaluate(backbone, composer.compose(summed).to(backbone.device), target, dev)[target.metric])
         origin = make_origin(backbone, length, seed).to(backbone.device)
         random.append(evaluate(backbone, origin, target, dev)[target.metric])
@@ -185,6 +191,8 @@ def run_study(config: StudyConfig) -> dict[str, Any]:
 
     if config.target in config.tasks:
         raise JobConfigError(f"the target {config.target!r} must be held out: it is one of the source tasks")
+    if not set(config.target_sources or config.tasks) <= set(config.tasks):
+        raise JobConfigError(f"target_sources {config.target_sources} must be among the tasks {config.tasks}")
     if set(config.target_seeds) & set(config.seeds):
         raise JobConfigError("target_seeds must differ from the training seeds (the zero-shot test uses origins "
                              "no source vector was trained from)")
@@ -213,7 +221,8 @@ def run_study(config: StudyConfig) -> dict[str, Any]:
     first = specs[0].train
     scores = [
         ScoreSpec(recipe=name, steps=steps, source=snapshot_source(tags[name], steps), tasks=config.tasks,
-                  seeds=config.seeds, target=config.target, target_seeds=config.target_seeds, store=loc.store,
+                  seeds=config.seeds, target=config.target, target_sources=config.target_sources or config.tasks,
+                  target_seeds=config.target_seeds, store=loc.store,
                   backbone=first.backbone, eval_examples=config.eval_examples, test_examples=config.test_examples,
                   addition_step=config.addition_step, cpus=config.resources.cpus_per_trial)
         for name in recipes for steps in config.steps
@@ -278,6 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", nargs="+", help="source tasks (at least 2)")
     p.add_argument("--seeds", nargs="+", type=int, help="origin seeds (at least 2; default 0 1)")
     p.add_argument("--target", help="held-out target task of the zero-shot test")
+    p.add_argument("--target-sources", nargs="+", help="tasks whose vectors are summed for the target (default all)")
     p.add_argument("--target-seeds", nargs="+", type=int, help="origins of the zero-shot test (default 100)")
     p.add_argument("--backbone", help=f"bundled name or model folder (default {DEFAULT_BACKBONE})")
     p.add_argument("--preset", choices=list(PRESETS), help="the base recipe (default causal_cpu)")
@@ -307,7 +317,7 @@ def parse_grid(items: list[str] | None) -> dict[str, list[Any]]:
 
 def config_from_args(args: argparse.Namespace) -> StudyConfig:
     data = load_yaml_config(args.config)
-    for key in ("name", "tasks", "seeds", "target", "target_seeds", "backbone", "preset", "steps", "eval_examples",
+    for key in ("name", "tasks", "seeds", "target", "target_sources", "target_seeds", "backbone", "preset", "steps", "eval_examples",
                 "test_examples"):
         if getattr(args, key, None) is not None:
             data[key] = getattr(args, key)

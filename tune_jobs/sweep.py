@@ -76,9 +76,12 @@ def experiment_name(config: SweepConfig, configs: list[TrainConfig]) -> str:
     return f"{config.name}-{short_hash([c.model_dump(mode='json') for c in configs])}"
 
 
-def source_tag(experiment: str) -> str:
-    """The VectorMeta.source of every vector a sweep writes: name a task term's vector set with it."""
-    return f"tpv sweep {experiment}"
+def source_tag(name: str, config: TrainConfig) -> str:
+    """The VectorMeta.source of the vectors a sweep writes: its name and its recipe (the TrainConfig less task, seed
+    and model), so a larger sweep of the same recipe extends the same set; name a task term's vector set with it."""
+    recipe = config.model_dump(mode="json", exclude={"task", "seed", "progress"})
+    recipe["backbone"].pop("model")
+    return f"tpv sweep {name}-{short_hash(recipe)}"
 
 
 def label(config: TrainConfig, several_backbones: bool) -> str:
@@ -101,7 +104,7 @@ def run_sweep(config: SweepConfig, trainable: Callable[[dict], None] = train_tri
     pending: list[TrainConfig] = []
     for cfg in configs:
         have = stored_pairs(store, backbone_id_for(cfg.backbone.model), cfg.task, cfg.seed, cfg.prompt_length,
-                            source_tag(experiment))
+                            source_tag(config.name, cfg))
         if have and not config.force:
             rows.append(_stored_row(cfg, have[0], several, "in store"))
         else:
@@ -113,7 +116,7 @@ def run_sweep(config: SweepConfig, trainable: Callable[[dict], None] = train_tri
         specs = [
             TrialSpec(
                 label=label(cfg, several), train=cfg, output_store=loc.store, skip_if_stored=not config.force,
-                source_tag=source_tag(experiment), cpus=config.resources.cpus_per_trial,
+                source_tag=source_tag(config.name, cfg), cpus=config.resources.cpus_per_trial,
             )
             for cfg in pending
         ]
@@ -134,6 +137,7 @@ def run_sweep(config: SweepConfig, trainable: Callable[[dict], None] = train_tri
     }
     failed = [r for r in rows if r["status"] == "failed"]
     return {"rows": rows, "table": table, "paths": paths, "failed": len(failed), "experiment": experiment,
+            "source": source_tag(config.name, configs[0]),
             "store": loc.store, "storage_path": loc.storage_path}
 
 

@@ -72,14 +72,11 @@ def _test_metrics(backbone: Backbone, prompt, task_name: str, limit: int | None)
     return {f"test_{k}": v for k, v in metrics.items()} | {"test_metric": metrics[task.metric]}
 
 
-def total_steps(config) -> int:
+def planned_steps(config: TrainConfig) -> int:
     """The step count `tpv.train.train` will run (for progress lines)."""
-    if config.max_steps:
-        return config.max_steps
-    from tpv.train import training_examples
+    from tpv.train import total_steps, training_examples
 
-    n = len(training_examples(config))
-    return max(1, math.ceil(config.epochs * math.ceil(n / config.batch_size)))
+    return config.max_steps or total_steps(config, len(training_examples(config)))
 
 
 def train_trial(config: dict[str, Any], after_checkpoint: Callable[[TrialSpec, int], None] | None = None) -> None:
@@ -125,7 +122,7 @@ def train_trial(config: dict[str, Any], after_checkpoint: Callable[[TrialSpec, i
         with checkpoint.as_directory() as folder:
             resume = TrainCheckpoint.load(folder)
     resumed_from = float(resume.step) if resume is not None else 0.0
-    total = float(total_steps(cfg))
+    total = float(planned_steps(cfg))
 
     def report(step: int, metrics: dict[str, float], state: TrainCheckpoint) -> None:
         if out is not None and step in spec.snapshot_steps:
@@ -152,5 +149,6 @@ def train_trial(config: dict[str, Any], after_checkpoint: Callable[[TrialSpec, i
     if out is not None:
         vector = result.vector(backbone.backbone_id, source=spec.source_tag)
         final["vector_id"] = out.put(vector)
-        out.put_origin(backbone.backbone_id, result.origin.shape[0], cfg.seed, result.origin)
+        out.put_origin(backbone.backbone_id, result.origin.shape[0], cfg.seed, result.origin,
+                       embedded_dtype=backbone.dtype)
     tune.report(final)

@@ -1,0 +1,57 @@
+"""The main job's serve stage end to end: a tiny real model, a real store, a real local Ray, real HTTP."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tpv.backbone import Backbone, BackboneConfig
+from tpv.compose import Composer, CompositionBody
+from tpv.paths import data_dir
+from tpv.store import VectorStore
+from tpv.tasks import load_split
+from tpv.vectors import TaskPromptVector
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_session")]
+
+POS = ["the movie was great", "wonderful acting and a great story", "great fun", "the acting was wonderful"]
+NEG = ["terrible and boring", "a waste of time", "the film was boring", "terrible acting, a waste"]
+
+
+def test_served_scores_equal_offline_ones(tiny_causal_path, tmp_path):
+    from tune_jobs.serve_check import ServeAlreadyRunning, serve_and_check
+
+    folder = data_dir() / "imdb"
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = [{"text": t, "label": 1} for t in POS] + [{"text": t, "label": 0} for t in NEG]
+    for split in ("train", "validation", "test"):
+        (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (folder / "meta.json").write_text(json.dumps({"task": "imdb", "counts": {"train": len(rows)}}))
+    backbone = Backbone.load(BackboneConfig(model=str(tiny_causal_path)))
+    store = VectorStore(tmp_path / "store")
+    for seed in (0, 1):  # two seeds of one job: the composition is their seed-mean on origin 10
+        tau = 2.0 * torch.randn(4, backbone.hidden_size, generator=torch.Generator().manual_seed(seed))
+        store.put(TaskPromptVector.create(tau, task="imdb", backbone_id=backbone.backbone_id, origin_seed=seed,
+                                          source="tpv sweep x"))
+    body = CompositionBody(terms=[{"task": "imdb", "seeds": [0, 1], "source": "tpv sweep x"}])
+    Composer(store, lambda n, s: None).save_named("imdb-tpv", body.applied(backbone.backbone_id, 10, 4))
+
+    examples = load_split("imdb", "test", seed=0)
+    check = serve_and_check(str(tmp_path / "store"), str(tiny_causal_path), "imdb-tpv", "imdb", examples, num_cpus=1,
+                            batch=3)
+    assert check.examples == len(examples) == 8
+    assert check.max_prob_diff < 1e-4  # the served probabilities are tpv's own
+    assert check.served_accuracy == check.offline_accuracy
+    assert check.url.startswith("http://127.0.0.1:")
+
+    from ray import serve
+
+    assert not serve.status().proxies  # the check shut its own Serve down
+    serve.start(http_options={"host": "127.0.0.1", "port": 0})
+    try:
+        with pytest.raises(ServeAlreadyRunning):  # a running Serve (someone's apps) is never touched
+            serve_and_check(str(tmp_path / "store"), str(tiny_causal_path), "imdb-tpv", "imdb", examples)
+    finally:
+        serve.shutdown()
