@@ -23,6 +23,7 @@ shots-vs-metric plot per target. Default source -> target groups follow DATA.md.
 from __future__ import annotations
 
 import argparse
+import math
 import posixpath
 from pathlib import Path
 from typing import Any, Literal
@@ -234,6 +235,12 @@ def summarize(config: TransferConfig, outcomes, auto_sources, out: Path, store_u
                               for s, picked in auto.items())
         sections += [f"## {target} ({metric}, test) <- sources {', '.join(sources)}", "",
                      f"seeds {config.seeds}; mean ± std over seeds; k = training examples per class", "", table, ""]
+        tests = significance(config, target, long_rows)
+        if tests:
+            sections += ["Each init vs the random origin, paired by seed: t-test, Bonferroni over the "
+                         f"{len(tests)} comparisons of this target.", "",
+                         markdown_table(tests, ["shots", "init", "gain", "t", "p", "p (Bonferroni)", "significant"]),
+                         ""]
         if auto_text:
             sections += [f"tpv_auto picked (cosine to the probe): {auto_text}", ""]
         plots[target] = str(plot_target(out / f"{target}.png", target, metric, config, long_rows))
@@ -247,6 +254,27 @@ def summarize(config: TransferConfig, outcomes, auto_sources, out: Path, store_u
              **{f"plot_{t}": p for t, p in plots.items()}}
     return {"rows": long_rows, "tables": tables, "markdown": md, "paths": paths, "failed": len(errors),
             "auto_sources": {f"{t}/s{s}": v for (t, s), v in auto_sources.items()}}
+
+
+def significance(config: TransferConfig, target: str, long_rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The paper's test: each init against the random origin at each k, paired by seed, Bonferroni-corrected."""
+    from tune_jobs.stats import bonferroni, paired_t_test
+
+    if "random" not in config.inits or len(config.seeds) < 2:
+        return []
+    value = {(r["init"], r["shots"], r["seed"]): r["test"] for r in long_rows
+             if r["target"] == target and r["test"] is not None}
+    pairs = [(k, init) for k in config.shots for init in config.inits if init != "random"]
+    rows = []
+    for k, init in pairs:
+        seeds = [s for s in config.seeds if (init, k, s) in value and ("random", k, s) in value]
+        a, b = [value[(init, k, s)] for s in seeds], [value[("random", k, s)] for s in seeds]
+        t, p = paired_t_test(a, b) if len(seeds) >= 2 else (math.nan, math.nan)
+        corrected = bonferroni(p, len(pairs))
+        rows.append({"shots": k, "init": INIT_NAMES[init], "gain": (sum(a) - sum(b)) / len(seeds) if seeds else None,
+                     "t": t, "p": p, "p (Bonferroni)": corrected,
+                     "significant": "yes" if corrected < 0.05 else "no"})
+    return rows
 
 
 def plot_target(path: Path, target: str, metric: str, config: TransferConfig, rows) -> Path:

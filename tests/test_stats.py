@@ -1,0 +1,55 @@
+"""The transfer report's paired t-test against textbook values."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from tune_jobs.stats import bonferroni, paired_t_test, student_t_two_sided_p
+
+
+@pytest.mark.parametrize("t, df, p", [(12.706, 1, 0.05), (4.303, 2, 0.05), (2.228, 10, 0.05), (2.576, 10_000, 0.01),
+                                      (0.0, 5, 1.0), (1.0, 1, 0.5)])
+def test_student_t_critical_values(t, df, p):
+    assert student_t_two_sided_p(t, df) == pytest.approx(p, abs=2e-4)
+    assert student_t_two_sided_p(-t, df) == pytest.approx(p, abs=2e-4)
+
+
+def test_paired_t_test_by_hand():
+    a, b = [0.9, 0.8, 0.85], [0.7, 0.75, 0.6]
+    diffs = [0.2, 0.05, 0.25]
+    mean = sum(diffs) / 3
+    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / 2)
+    t, p = paired_t_test(a, b)
+    assert t == pytest.approx(mean / (sd / math.sqrt(3)))
+    assert p == pytest.approx(student_t_two_sided_p(t, 2))
+    assert 0.05 < p < 0.2  # t ~ 2.9 on 2 degrees of freedom
+    assert math.isnan(paired_t_test([1.0], [0.0])[1])
+    assert paired_t_test([1.0, 2.0], [0.0, 1.0]) == (math.inf, 0.0)  # the same gain every time
+    with pytest.raises(ValueError):
+        paired_t_test([1.0], [1.0, 2.0])
+
+
+def test_bonferroni():
+    assert bonferroni(0.01, 4) == pytest.approx(0.04) and bonferroni(0.4, 4) == 1.0 and math.isnan(bonferroni(math.nan, 3))
+
+
+def test_transfer_significance_pairs_inits_by_seed():
+    from tune_jobs.stats import paired_t_test
+    from tune_jobs.transfer import TransferConfig, significance
+
+    config = TransferConfig(targets={"imdb": ["rotten_tomatoes"]}, shots=[0, 8], inits=["random", "tpv", "spot"],
+                            seeds=[1, 2, 3])
+    rows = []
+    for seed, (random, tpv, spot) in zip([1, 2, 3], [(0.5, 0.7, 0.5), (0.6, 0.75, 0.6), (0.55, 0.8, 0.56)]):
+        for k in (0, 8):
+            rows += [{"target": "imdb", "init": init, "shots": k, "seed": seed, "test": value + k / 100}
+                     for init, value in (("random", random), ("tpv", tpv), ("spot", spot))]
+    tests = significance(config, "imdb", rows)
+    assert [(r["shots"], r["init"]) for r in tests] == [(0, "TPV"), (0, "SPoT"), (8, "TPV"), (8, "SPoT")]
+    tpv0 = tests[0]
+    t, p = paired_t_test([0.7, 0.75, 0.8], [0.5, 0.6, 0.55])
+    assert tpv0["gain"] == pytest.approx(0.2) and tpv0["t"] == pytest.approx(t) and tpv0["p"] == pytest.approx(p)
+    assert tpv0["p (Bonferroni)"] == pytest.approx(min(1.0, 4 * p))
+    assert significance(config.model_copy(update={"seeds": [1]}), "imdb", rows) == []  # one seed: no test
