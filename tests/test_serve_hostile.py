@@ -283,10 +283,11 @@ def test_fuzz_the_live_openapi(url, capsys):
             @settings(max_examples=FUZZ_EXAMPLES, deadline=None, database=None, derandomize=True,
                       phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck))
             @given(case=operation.as_strategy(generation_mode=mode))
-            def run(case, label=operation.label):
+            def run(case):
                 if time.monotonic() > deadline:
                     return
                 response = case.call(base_url=url, session=session, headers=_auth(FULL), timeout=30)
+                label = operation.label  # noqa: B023 - run() is called within this iteration
                 counts[label] = counts.get(label, 0) + 1
                 case.validate_response(response, checks=checks, headers=_auth(FULL))
 
