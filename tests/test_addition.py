@@ -7,7 +7,13 @@ import json
 import pytest
 import torch
 
-from tpv.addition import Combination, choose_coefficient, coefficient_grid, label_relation, run_addition
+from tpv.addition import (
+    Combination,
+    choose_coefficient,
+    coefficient_grid,
+    label_relation,
+    run_addition,
+)
 from tpv.backbone import Backbone, BackboneConfig
 from tpv.evaluate import evaluate
 from tpv.paths import data_dir

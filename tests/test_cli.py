@@ -55,23 +55,27 @@ def test_train_list_show_similarity_compose_eval(trained, tiny_causal_path):
 
 
 @pytest.mark.parametrize(
-    ("args", "message"),
-    [
-        (["vectors", "show", "no-such-vector"], "no-such-vector"),
-        (["vectors", "show", "../../etc/passwd"], "../../etc/passwd"),
-        (["compose", "--term", "cli_sentiment=nan"], "finite"),
-        (["compose", "--term", "nothing_stored=1"], "nothing_stored"),
-        (["compose", "--term", "cli_sentiment=1", "--method", "bogus"], "bogus"),
-        (["eval", "--task", "unknown_task", "--term", "cli_sentiment=1"], "unknown task 'unknown_task'"),
-        (["train", "--task", "rotten_tomatoes", "--steps", "1"], "tpv data fetch"),
-        (["tasks", "add", "/no/such/config.yaml"], "not found"),
-        (["compose", "--spec", "{not json"], "error"),
+    ("args", "message", "code"),
+    [  # exit codes by error category (tpv.errors.EXIT_CODES): 2 invalid input, 3 not found, 6 not prepared
+        (["vectors", "show", "no-such-vector"], "no-such-vector", 3),
+        (["vectors", "show", "../../etc/passwd"], "../../etc/passwd", 2),
+        (["compose", "--term", "cli_sentiment=nan"], "finite", 2),
+        (["compose", "--term", "cli_sentiment=x"], "must be a number", 2),
+        (["compose", "--term", "nothing_stored=1"], "nothing_stored", 3),
+        (["compose", "--term", "cli_sentiment=1", "--method", "bogus"], "bogus", 2),
+        (["eval", "--task", "unknown_task", "--term", "cli_sentiment=1"], "unknown task 'unknown_task'", 3),
+        (["train", "--task", "rotten_tomatoes", "--steps", "1"], "tpv data fetch", 6),
+        (["tasks", "add", "/no/such/config.yaml"], "not found", 2),
+        (["compose", "--spec", "{not json"], "not JSON", 2),
+        (["sweep", "--tasks", "no_such_task"], "unknown task 'no_such_task'", 3),
+        (["addition", "--tasks", "cli_sentiment"], "at least 2", 2),
+        (["study", "--tasks", "a", "b"], "--target", 2),
     ],
 )
-def test_bad_input_is_one_clear_line(trained, tiny_causal_path, args, message):
+def test_bad_input_is_one_clear_line(trained, tiny_causal_path, args, message, code):
     home, _ = trained
     if args[0] in ("compose", "eval", "train"):
         args = [*args, "--backbone", str(tiny_causal_path)]
     out = tpv(*args, home=home)
-    assert out.returncode == 2, (out.stdout, out.stderr)
+    assert out.returncode == code, (out.stdout, out.stderr)
     assert out.stderr.startswith("error: ") and message in out.stderr and "Traceback" not in out.stderr

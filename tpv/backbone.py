@@ -140,7 +140,12 @@ class Backbone:
 
     @classmethod
     def load(cls, config: BackboneConfig | str | None = None) -> Backbone:
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+        from transformers import (
+            AutoConfig,
+            AutoModelForCausalLM,
+            AutoModelForSeq2SeqLM,
+            AutoTokenizer,
+        )
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # a weight-loading bar per load floods Ray and CLI logs

@@ -27,7 +27,15 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from tpv.errors import InvalidInput
 from tpv.merge import MergeError, check_inputs, get_method, merge, parse_params

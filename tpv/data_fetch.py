@@ -36,9 +36,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from tpv.paths import atomic_write, archives_dir
-from tpv.tasks import SPLITS, get_task, make_splits, task_data_dir
 from tpv.errors import Unavailable
+from tpv.paths import archives_dir, atomic_write
+from tpv.tasks import SPLITS, get_task, make_splits, task_data_dir
 from tpv.tasks.builtin import TREC_FINE_LABELS
 from tpv.tasks.splits import Row
 

@@ -46,7 +46,13 @@ from pydantic import ValidationError
 
 from tpv.errors import ConflictError, CorruptData, InvalidInput, NotFoundError, TpvError
 from tpv.names import InvalidName, validate_name
-from tpv.vectors import TaskPromptVector, VectorError, VectorMeta, make_vector_id, tensor_sha256
+from tpv.vectors import (
+    TaskPromptVector,
+    VectorError,
+    VectorMeta,
+    make_vector_id,
+    tensor_sha256,
+)
 
 __all__ = [
     "STALE_TEMP_S", "CorruptVector", "InvalidStoreInput", "NotFound", "StoreConflict", "StoreError", "StoreProblem",

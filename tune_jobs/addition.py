@@ -25,9 +25,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from tpv.backbone import BackboneConfig, backbone_id_for
 from tpv.bundled import DEFAULT_BACKBONE
 from tpv.paths import atomic_write
-from tune_jobs.config import JobConfig, JobConfigError, load_yaml_config, resources_from_args
+from tune_jobs.config import JobConfig, config_from_args, start_ray
 from tune_jobs.grid import Search, run_grid, short_hash
-from tune_jobs.locations import add_location_args, locations_from_args
+from tune_jobs.locations import add_location_args
 from tune_jobs.runtime import init_ray, load_backbone, set_threads
 from tune_jobs.tables import csv_text, markdown_table, mean_std, pm, print_result
 
@@ -295,26 +295,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def config_from_args(args: argparse.Namespace) -> AdditionConfig:
-    data = load_yaml_config(args.config)
-    for key in ("name", "tasks", "combinations", "seeds", "vectors_source", "backbone", "grid_step",
-                "weight_samples", "eval_examples", "test_examples"):
-        if getattr(args, key, None) is not None:
-            data[key] = getattr(args, key)
-    data["resources"] = resources_from_args(args, data)
-    data["fresh"] = args.fresh or data.get("fresh", False)
-    if "tasks" not in data:
-        raise JobConfigError("tpv addition: give --tasks or a --config file with tasks")
-    config = AdditionConfig.model_validate(data)
-    config.locations = locations_from_args(args, config.locations)
-    return config
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    config = config_from_args(args)
-    if args.address or args.num_cpus:
-        init_ray(args.address, args.num_cpus)
+    config = config_from_args(AdditionConfig, args, ("name", "tasks", "combinations", "seeds", "vectors_source",
+                                                     "backbone", "grid_step", "weight_samples", "eval_examples",
+                                                     "test_examples"), required=("tasks",))
+    start_ray(args)
     result = run_addition_job(config)
     print_result(result)
     return 1 if result["failed"] else 0

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -88,3 +88,37 @@ def load_yaml_config(path: str | None) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise JobConfigError(f"{path}: expected a mapping at the top level")
     return data
+
+
+J = TypeVar("J", bound=JobConfig)
+
+
+def config_from_args(cls: type[J], args, keys: Sequence[str], required: Sequence[str] = (),
+                     **parsed: Any) -> J:
+    """A job config from its YAML file (`--config`) with the flags over it: each attribute of `args` named in
+    `keys` that was given, the fields the job parsed itself (`parsed`, None = not given), `--set` TrainConfig
+    overrides, resources, `--fresh` / `--force`, and the locations."""
+    from tune_jobs.locations import locations_from_args
+
+    data = load_yaml_config(getattr(args, "config", None))
+    data |= {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+    data |= {k: v for k, v in parsed.items() if v is not None}
+    if getattr(args, "set", None):
+        data["train"] = deep_merge(data.get("train", {}), parse_overrides(args.set))
+    data["resources"] = resources_from_args(args, data)
+    data |= {flag: True for flag in ("fresh", "force") if getattr(args, flag, False)}
+    missing = [k for k in required if k not in data]
+    if missing:
+        flags = " and ".join(f"--{k.replace('_', '-')}" for k in missing)
+        raise JobConfigError(f"give {flags} (or a --config file with them)")
+    config = cls.model_validate(data)
+    config.locations = locations_from_args(args, config.locations)
+    return config
+
+
+def start_ray(args) -> None:
+    """Connect to --address or start a local Ray with --num-cpus when asked; otherwise the job starts Ray itself."""
+    from tune_jobs.runtime import init_ray
+
+    if args.address or args.num_cpus:
+        init_ray(args.address, args.num_cpus)

@@ -19,10 +19,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from tpv.paths import atomic_write
 from tpv.store import UnknownVector
 from tpv.vectors import similarity_by_pair_kind
-
-from tpv.paths import atomic_write
 from tune_jobs.locations import add_location_args, locations_from_args
 from tune_jobs.runtime import init_ray
 from tune_jobs.tables import csv_text, markdown_table, mean_std, pm

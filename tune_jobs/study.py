@@ -38,13 +38,13 @@ from tpv.train import PRESETS, PresetName, TrainConfig
 from tune_jobs.config import (
     JobConfig,
     JobConfigError,
+    config_from_args,
     deep_merge,
-    load_yaml_config,
     parse_overrides,
-    resources_from_args,
+    start_ray,
 )
 from tune_jobs.grid import run_grid, short_hash, specs_space
-from tune_jobs.locations import add_location_args, locations_from_args
+from tune_jobs.locations import add_location_args
 from tune_jobs.runtime import init_ray, load_backbone, set_threads
 from tune_jobs.tables import csv_text, markdown_table, print_result
 from tune_jobs.trial import TrialSpec, snapshot_source
@@ -315,28 +315,12 @@ def parse_grid(items: list[str] | None) -> dict[str, list[Any]]:
     return grid
 
 
-def config_from_args(args: argparse.Namespace) -> StudyConfig:
-    data = load_yaml_config(args.config)
-    for key in ("name", "tasks", "seeds", "target", "target_sources", "target_seeds", "backbone", "preset", "steps", "eval_examples",
-                "test_examples"):
-        if getattr(args, key, None) is not None:
-            data[key] = getattr(args, key)
-    if args.grid:
-        data["grid"] = {**data.get("grid", {}), **parse_grid(args.grid)}
-    data["resources"] = resources_from_args(args, data)
-    data["fresh"] = args.fresh or data.get("fresh", False)
-    if "tasks" not in data or "target" not in data:
-        raise JobConfigError("tpv study: give --tasks and --target (or a --config file with them)")
-    config = StudyConfig.model_validate(data)
-    config.locations = locations_from_args(args, config.locations)
-    return config
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    config = config_from_args(args)
-    if args.address or args.num_cpus:
-        init_ray(args.address, args.num_cpus)
+    config = config_from_args(StudyConfig, args, ("name", "tasks", "seeds", "target", "target_sources", "target_seeds",
+                                                  "backbone", "preset", "steps", "eval_examples", "test_examples"),
+                              required=("tasks", "target"), grid=parse_grid(args.grid) if args.grid else None)
+    start_ray(args)
     result = run_study(config)
     print_result(result)
     return 1 if result["failed"] else 0

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import argparse
 import math
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from pydantic import Field, field_validator
@@ -24,20 +24,12 @@ from tpv.backbone import backbone_id_for
 from tpv.bundled import DEFAULT_BACKBONE
 from tpv.paths import atomic_write
 from tpv.train import PRESETS, PresetName, TrainConfig
-from tune_jobs.config import (
-    JobConfig,
-    JobConfigError,
-    deep_merge,
-    load_yaml_config,
-    parse_overrides,
-    resources_from_args,
-)
+from tune_jobs.config import JobConfig, config_from_args, deep_merge, start_ray
 from tune_jobs.grid import GridOutcome, run_grid, short_hash, specs_space
-from tune_jobs.locations import add_location_args, locations_from_args
+from tune_jobs.locations import add_location_args
 from tune_jobs.runtime import init_ray
 from tune_jobs.tables import csv_text, markdown_table
 from tune_jobs.trial import TrialSpec, stored_pairs, train_trial
-
 
 
 class SweepConfig(JobConfig):
@@ -199,27 +191,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def config_from_args(args: argparse.Namespace) -> SweepConfig:
-    data = load_yaml_config(args.config)
-    for key in ("name", "tasks", "seeds", "backbones", "preset", "max_failures", "verbose"):
-        if getattr(args, key, None) is not None:
-            data[key] = getattr(args, key)
-    if args.set:
-        data["train"] = deep_merge(data.get("train", {}), parse_overrides(args.set))
-    data["resources"] = resources_from_args(args, data)
-    data["force"] = args.force or data.get("force", False)
-    data["fresh"] = args.fresh or data.get("fresh", False)
-    if "tasks" not in data:
-        raise JobConfigError("tpv sweep: give --tasks or a --config file with tasks")
-    config = SweepConfig.model_validate(data)
-    config.locations = locations_from_args(args, config.locations)
-    return config
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    config = config_from_args(args)
-    init_ray(args.address, args.num_cpus) if (args.address or args.num_cpus) else None
+    config = config_from_args(SweepConfig, args, ("name", "tasks", "seeds", "backbones", "preset", "max_failures",
+                                                  "verbose"), required=("tasks",))
+    start_ray(args)
     outcome = run_sweep(config)
     print()
     print(outcome["table"])

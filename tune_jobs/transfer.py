@@ -30,13 +30,19 @@ from typing import Any, Literal
 
 from pydantic import Field
 
+from tpv.backbone import backbone_id_for
 from tpv.bundled import DEFAULT_BACKBONE
 from tpv.paths import atomic_write
 from tpv.train import PRESETS, InitSpec, PresetName, TrainConfig
-from tpv.backbone import backbone_id_for
-from tune_jobs.config import JobConfig, JobConfigError, deep_merge, load_yaml_config, parse_overrides, resources_from_args
+from tune_jobs.config import (
+    JobConfig,
+    JobConfigError,
+    config_from_args,
+    deep_merge,
+    start_ray,
+)
 from tune_jobs.grid import run_grid, short_hash, specs_space
-from tune_jobs.locations import add_location_args, locations_from_args
+from tune_jobs.locations import add_location_args
 from tune_jobs.runtime import init_ray
 from tune_jobs.tables import csv_text, markdown_table, mean_std, pm, print_result
 from tune_jobs.trial import TrialSpec
@@ -355,28 +361,13 @@ def parse_targets(items: list[str]) -> dict[str, list[str]]:
     return targets
 
 
-def config_from_args(args: argparse.Namespace) -> TransferConfig:
-    data = load_yaml_config(args.config)
-    for key in ("name", "shots", "inits", "seeds", "backbone", "preset", "few_shot_steps", "test_examples",
-                "tpv_coefficient", "auto_k", "verbose"):
-        if getattr(args, key, None) is not None:
-            data[key] = getattr(args, key)
-    if args.targets:
-        data["targets"] = parse_targets(args.targets)
-    if args.set:
-        data["train"] = deep_merge(data.get("train", {}), parse_overrides(args.set))
-    data["resources"] = resources_from_args(args, data)
-    data["fresh"] = args.fresh or data.get("fresh", False)
-    config = TransferConfig.model_validate(data)
-    config.locations = locations_from_args(args, config.locations)
-    return config
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    config = config_from_args(args)
-    if args.address or args.num_cpus:
-        init_ray(args.address, args.num_cpus)
+    config = config_from_args(TransferConfig, args, ("name", "shots", "inits", "seeds", "backbone", "preset",
+                                                     "few_shot_steps", "test_examples", "tpv_coefficient", "auto_k",
+                                                     "verbose"),
+                              targets=parse_targets(args.targets) if args.targets else None)
+    start_ray(args)
     result = run_transfer(config)
     print_result(result)
     return 1 if result["failed"] else 0

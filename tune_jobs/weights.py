@@ -30,9 +30,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tpv.backbone import BackboneConfig, backbone_id_for
 from tpv.bundled import DEFAULT_BACKBONE
 from tpv.paths import atomic_write
-from tune_jobs.config import JobConfig, JobConfigError, load_yaml_config, resources_from_args
+from tune_jobs.config import JobConfig, config_from_args, start_ray
 from tune_jobs.grid import GridOutcome, Search, run_grid, short_hash
-from tune_jobs.locations import add_location_args, locations_from_args
+from tune_jobs.locations import add_location_args
 from tune_jobs.runtime import init_ray, load_backbone, set_threads
 from tune_jobs.tables import csv_text, markdown_table, print_result
 
@@ -350,31 +350,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def config_from_args(args: argparse.Namespace) -> WeightSearchConfig:
-    data = load_yaml_config(args.config)
-    for key in ("target", "sources", "name", "backbone", "origin_seed", "modes", "grid_step", "samples", "seed",
-                "objective", "shots", "few_shot_steps", "metric", "eval_examples", "verbose"):
-        if getattr(args, key, None) is not None:
-            data[key] = getattr(args, key)
-    if args.weight_range:
-        data["weight_min"], data["weight_max"] = args.weight_range
-    if args.asha:
-        data["asha"] = True
-    if args.no_save:
-        data["save"] = False
-    data["resources"] = resources_from_args(args, data)
-    if "target" not in data or "sources" not in data:
-        raise JobConfigError("tpv search-weights: give --target and --sources (or a --config file with them)")
-    config = WeightSearchConfig.model_validate(data)
-    config.locations = locations_from_args(args, config.locations)
-    return config
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    config = config_from_args(args)
-    if args.address or args.num_cpus:
-        init_ray(args.address, args.num_cpus)
+    weights = dict(zip(("weight_min", "weight_max"), args.weight_range)) if args.weight_range else {}
+    config = config_from_args(WeightSearchConfig, args, ("target", "sources", "name", "backbone", "origin_seed", "modes",
+                                                         "grid_step", "samples", "seed", "objective", "shots",
+                                                         "few_shot_steps", "metric", "eval_examples", "verbose"),
+                              required=("target", "sources"), asha=args.asha or None,
+                              save=False if args.no_save else None, **weights)
+    start_ray(args)
     result = run_search(config)
     print_result(result)
     return 0

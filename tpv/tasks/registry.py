@@ -16,7 +16,15 @@ from pydantic import ValidationError
 from tpv.errors import InvalidInput, NotFoundError
 from tpv.paths import atomic_write, data_dir, tpv_home
 from tpv.tasks.builtin import BUILTIN_TASKS
-from tpv.tasks.spec import SPLITS, Example, Split, TaskConfigError, TaskDataMissing, TaskSpec, config_error
+from tpv.tasks.spec import (
+    SPLITS,
+    Example,
+    Split,
+    TaskConfigError,
+    TaskDataMissing,
+    TaskSpec,
+    config_error,
+)
 from tpv.tasks.splits import Row
 from tpv.tasks.user import datasets_cache, load_task_file, quiet_datasets, user_splits
 

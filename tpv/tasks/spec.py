@@ -6,7 +6,14 @@ import string
 from collections.abc import Mapping
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from tpv.errors import InvalidInput, Unavailable
 from tpv.metrics import CLASSIFICATION_METRICS

@@ -27,7 +27,15 @@ import yaml
 from pydantic import ValidationError
 
 from tpv.paths import tpv_home
-from tpv.tasks.spec import SPLITS, DataFormat, DataSource, Split, TaskConfigError, TaskSpec, config_error
+from tpv.tasks.spec import (
+    SPLITS,
+    DataFormat,
+    DataSource,
+    Split,
+    TaskConfigError,
+    TaskSpec,
+    config_error,
+)
 from tpv.tasks.splits import Row, make_splits
 
 _SUFFIX_FORMATS: dict[str, DataFormat] = {".csv": "csv", ".jsonl": "jsonl", ".json": "json", ".parquet": "parquet"}
