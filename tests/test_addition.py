@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
+from task_data import sentiment_rows, write_builtin_task
 
 from tpv.addition import (
     Combination,
@@ -16,29 +15,18 @@ from tpv.addition import (
 )
 from tpv.backbone import Backbone, BackboneConfig
 from tpv.evaluate import evaluate
-from tpv.paths import data_dir
 from tpv.prompt import make_origin
 from tpv.store import VectorStore
 from tpv.tasks import get_task, load_split
 from tpv.vectors import TaskPromptVector
 
 L = 4
-POS = ["the movie was great", "wonderful acting and a great story", "great fun", "the acting was wonderful"]
-NEG = ["terrible and boring", "a waste of time", "the film was boring", "terrible acting, a waste"]
-
-
-def _write(task: str, rows: list[dict]) -> None:
-    folder = data_dir() / task
-    folder.mkdir(parents=True, exist_ok=True)
-    for split in ("train", "validation", "test"):
-        (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (folder / "meta.json").write_text(json.dumps({"task": task, "counts": {"train": len(rows)}}))
 
 
 @pytest.fixture(scope="module")
 def setup(tiny_causal_path, tmp_path_factory):
-    _write("imdb", [{"text": t, "label": 1} for t in POS] + [{"text": t, "label": 0} for t in NEG])
-    _write("yelp", [{"text": f"{t}!", "label": 1} for t in POS] + [{"text": f"{t}!", "label": 0} for t in NEG])
+    write_builtin_task("imdb", sentiment_rows())
+    write_builtin_task("yelp", sentiment_rows("!"))
     backbone = Backbone.load(BackboneConfig(model=str(tiny_causal_path)))
     store = VectorStore(tmp_path_factory.mktemp("addition") / "store")
     v = 3.0 * torch.randn(L, backbone.hidden_size, generator=torch.Generator().manual_seed(1))

@@ -2,33 +2,22 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
+from task_data import sentiment_rows, write_builtin_task
 
 from tpv.backbone import Backbone, BackboneConfig
 from tpv.compose import Composer, CompositionBody
-from tpv.paths import data_dir
 from tpv.store import VectorStore
 from tpv.tasks import load_split
 from tpv.vectors import TaskPromptVector
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_session")]
 
-POS = ["the movie was great", "wonderful acting and a great story", "great fun", "the acting was wonderful"]
-NEG = ["terrible and boring", "a waste of time", "the film was boring", "terrible acting, a waste"]
-
-
 def test_served_scores_equal_offline_ones(tiny_causal_path, tmp_path):
     from tune_jobs.serve_check import ServeAlreadyRunning, serve_and_check
 
-    folder = data_dir() / "imdb"
-    folder.mkdir(parents=True, exist_ok=True)
-    rows = [{"text": t, "label": 1} for t in POS] + [{"text": t, "label": 0} for t in NEG]
-    for split in ("train", "validation", "test"):
-        (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (folder / "meta.json").write_text(json.dumps({"task": "imdb", "counts": {"train": len(rows)}}))
+    write_builtin_task("imdb", sentiment_rows())
     backbone = Backbone.load(BackboneConfig(model=str(tiny_causal_path)))
     store = VectorStore(tmp_path / "store")
     for seed in (0, 1):  # two seeds of one job: the composition is their seed-mean on origin 10

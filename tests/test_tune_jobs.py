@@ -6,7 +6,6 @@ Task data is written as `tpv data fetch` writes it (`data_dir()/<task>/{train,va
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -14,14 +13,12 @@ import time
 from pathlib import Path
 
 import pytest
+from task_data import sentiment_rows, write_builtin_task
 
-from tpv.paths import data_dir
 from tpv.store import VectorStore
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
-POS = ["the movie was great", "wonderful acting and a great story", "great fun", "the acting was wonderful"]
-NEG = ["terrible and boring", "a waste of time", "the film was boring", "terrible acting, a waste"]
 QUESTIONS = [("what is the capital of france?", 4), ("who wrote the book?", 3), ("how many people live there?", 5),
              ("what does the abbreviation mean?", 0), ("why is the sky blue?", 1), ("what animal is it?", 2)]
 
@@ -46,19 +43,10 @@ def dies_once_after_a_checkpoint(task: str, seed: int, marker: str):
     return trainable
 
 
-def write_builtin_task(task: str, rows: list[dict]) -> None:
-    folder = data_dir() / task
-    folder.mkdir(parents=True, exist_ok=True)
-    for split in ("train", "validation", "test"):
-        (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (folder / "meta.json").write_text(json.dumps({"task": task, "counts": {"train": len(rows)}}))
-
-
 @pytest.fixture(scope="module")
 def tasks() -> list[str]:
-    write_builtin_task("imdb", [{"text": t, "label": 1} for t in POS] * 2 + [{"text": t, "label": 0} for t in NEG] * 2)
-    write_builtin_task("yelp", [{"text": f"{t} here", "label": 1} for t in POS] * 2
-                       + [{"text": f"{t} here", "label": 0} for t in NEG] * 2)
+    write_builtin_task("imdb", sentiment_rows() * 2)
+    write_builtin_task("yelp", sentiment_rows(" here") * 2)
     write_builtin_task("trec", [{"text": q, "label": y} for q, y in QUESTIONS] * 3)
     return ["imdb", "trec"]
 

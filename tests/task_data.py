@@ -1,0 +1,23 @@
+"""Small real task data written where `tpv data fetch` writes it (`data_dir()/<task>/...`), for tests."""
+
+from __future__ import annotations
+
+import json
+
+from tpv.paths import data_dir
+
+POS = ["the movie was great", "wonderful acting and a great story", "great fun", "the acting was wonderful"]
+NEG = ["terrible and boring", "a waste of time", "the film was boring", "terrible acting, a waste"]
+
+
+def write_builtin_task(task: str, rows: list[dict]) -> None:
+    """The same rows in train, validation and test of a built-in task, as the fetcher lays them out."""
+    folder = data_dir() / task
+    folder.mkdir(parents=True, exist_ok=True)
+    for split in ("train", "validation", "test"):
+        (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (folder / "meta.json").write_text(json.dumps({"task": task, "counts": {"train": len(rows)}}))
+
+
+def sentiment_rows(suffix: str = "") -> list[dict]:
+    return [{"text": t + suffix, "label": 1} for t in POS] + [{"text": t + suffix, "label": 0} for t in NEG]
