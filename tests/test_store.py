@@ -385,8 +385,9 @@ def test_compositions(tmp_path):
         store.put_composition(BB, "bad", {"w": float("nan")})
     with pytest.raises(StoreError, match="JSON"):
         store.put_composition(BB, "bad", {"t": torch.zeros(1)})
-    with pytest.raises(NotFound, match="snli-mix"):
+    with pytest.raises(NotFound, match="'missing'") as err:
         store.get_composition(BB, "missing")
+    assert "snli-mix" not in str(err.value) and str(tmp_path) not in str(err.value)
     (tmp_path / BB / "compositions" / "broken.json").write_text("[1, 2]")
     with pytest.raises(CorruptVector):
         store.get_composition(BB, "broken")
@@ -669,3 +670,14 @@ def test_concurrent_writers_of_one_id_exactly_one_wins(tmp_path):
         assert len(winners) == 1, f"round {r}: {len(winners)} writers succeeded"
         assert store.get(f"race-{r}").meta.sha256 == winners[0]  # the survivor is the winner's, and verifies
     assert store.problems() == [] and list(tmp_path.rglob(".tmp-*")) == []
+
+
+def test_meta_reads_one_header_and_names_only_what_was_asked(tmp_path):
+    store = VectorStore(tmp_path)
+    v = _vec(0)
+    store.put(v)
+    assert store.meta(v.vector_id, BB) == v.meta
+    assert store.meta(v.vector_id) == v.meta  # any backbone
+    with pytest.raises(UnknownVector, match="'nope'") as err:
+        store.meta("nope", BB)
+    assert v.vector_id not in str(err.value) and str(tmp_path) not in str(err.value)

@@ -180,17 +180,16 @@ def _term_metas(store: VectorStore, backbone_id: str, term: CompositionTerm, pro
     """The metadata of the stored vectors one term names (no tensors read)."""
     if term.task is not None:
         return task_vectors(store, backbone_id, term.task, prompt_length, term.seeds, term.source)
-    matches = [m for m in store.list(backbone_id) if m.vector_id == term.vector_id]
-    if not matches and any(p.vector_id == term.vector_id for p in store.problems(backbone_id)):
-        raise CorruptVector(f"the stored vector {term.vector_id!r} is unreadable")
-    if not matches:
-        elsewhere = sorted({m.backbone_id for m in store.list() if m.vector_id == term.vector_id})
-        if elsewhere:
-            raise CompositionError(
-                f"backbone mismatch: vector {term.vector_id!r} belongs to {elsewhere}, the spec is for {backbone_id!r}"
-            )
-        raise UnknownVector(f"no vector {term.vector_id!r} for backbone {backbone_id!r}")
-    return matches
+    try:
+        return [store.meta(term.vector_id, backbone_id)]
+    except UnknownVector:
+        try:
+            elsewhere = store.meta(term.vector_id).backbone_id
+        except UnknownVector:
+            raise UnknownVector(f"no vector {term.vector_id!r} for backbone {backbone_id!r}") from None
+        raise CompositionError(
+            f"backbone mismatch: vector {term.vector_id!r} belongs to {elsewhere!r}, the spec is for {backbone_id!r}"
+        ) from None
 
 
 def prompt_length_of(store: VectorStore, backbone_id: str, body: CompositionBody) -> int:

@@ -98,6 +98,11 @@ class UnknownVector(NotFound):
     """No vector with that id (or no vectors for that task)."""
 
 
+def _no_vector(vector_id: str, backbone_id: str | None) -> str:
+    """The message of an unknown id: what was asked for, never the store's location or contents."""
+    return f"no vector {vector_id!r}" + (f" for backbone {backbone_id!r}" if backbone_id is not None else "")
+
+
 class StoreProblem(NamedTuple):
     """A stored vector entry `list()` skipped, where it is, and why."""
 
@@ -419,9 +424,17 @@ class VectorStore:
         backbone when none is given)."""
         found = [v for v in map(self._load, self._stems(vector_id, backbone_id)) if v is not None]
         if not found:
-            where = f"backbone {backbone_id!r}" if backbone_id is not None else f"backbones {self.backbones()}"
-            raise UnknownVector(f"no vector {vector_id!r} in {where} of {self.uri}")
+            raise UnknownVector(_no_vector(vector_id, backbone_id))
         _one_place(vector_id, [(v.meta.backbone_id, v.meta.task) for v in found])
+        return found[0]
+
+    def meta(self, vector_id: str, backbone_id: str | None = None) -> VectorMeta:
+        """A vector's metadata from its file's header alone (no tensor read, no listing of other vectors)."""
+        found = [e[0] for e in (self._entry(stem, whole=False) for stem in self._stems(vector_id, backbone_id))
+                 if e is not None]
+        if not found:
+            raise UnknownVector(_no_vector(vector_id, backbone_id))
+        _one_place(vector_id, [(m.backbone_id, m.task) for m in found])
         return found[0]
 
     def list(
@@ -466,7 +479,7 @@ class VectorStore:
         under another task of the same backbone that a cut-short move left."""
         stems = self._stems(vector_id, backbone_id)
         if not stems:
-            raise UnknownVector(f"no vector {vector_id!r} to delete in {self.uri}")
+            raise UnknownVector(_no_vector(vector_id, backbone_id))
         places = [_place(stem) for stem in stems]
         if len({bb for bb, _ in places}) > 1:
             raise InvalidStoreInput(f"vector id {vector_id!r} is ambiguous, found at {places}; pass backbone_id")
@@ -584,8 +597,7 @@ class VectorStore:
         path = self._composition_path(backbone_id, name)
         data = self._read_or_none(path)
         if data is None:
-            known = self.list_compositions(backbone_id)
-            raise NotFound(f"no composition {name!r} for {backbone_id!r}; known: {known}")
+            raise NotFound(f"no composition {name!r} for backbone {backbone_id!r}")
         try:
             spec = json.loads(data)
         except ValueError as exc:
