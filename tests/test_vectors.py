@@ -199,3 +199,15 @@ def test_similarity_matrix():
     assert labels == ["x", "y"] and sim[0, 1] == pytest.approx(-1.0)
     with pytest.raises(VectorError, match="at least one"):
         similarity_matrix([])
+
+
+def test_one_tensor_from_two_jobs_gets_two_ids():
+    """Deterministic runs of one recipe in two jobs produce one tensor; each job's set must keep its own entry."""
+    t = _randn(5, 8, seed=3)
+    a = TaskPromptVector.create(t, task="mnli", backbone_id="t5-base", origin_seed=0, source="tpv sweep a")
+    b = TaskPromptVector.create(t, task="mnli", backbone_id="t5-base", origin_seed=0, source="tpv sweep b")
+    plain = TaskPromptVector.create(t, task="mnli", backbone_id="t5-base", origin_seed=0)
+    assert len({a.vector_id, b.vector_id, plain.vector_id}) == 3
+    assert a.meta.sha256 == b.meta.sha256 == plain.meta.sha256
+    assert plain.vector_id == f"mnli-s0-{plain.meta.sha256[:12]}"
+    assert a.vector_id == make_vector_id("mnli", 0, a.meta.sha256, "tpv sweep a")

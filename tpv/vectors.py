@@ -35,9 +35,12 @@ def tensor_sha256(tensor: torch.Tensor) -> str:
     return hashlib.sha256(arr.astype("<f4", copy=False).tobytes()).hexdigest()
 
 
-def make_vector_id(task: str, origin_seed: int, sha256: str) -> str:
-    """Default id: readable (task, seed) plus a content prefix so re-training never collides silently."""
-    return f"{task}-s{origin_seed}-{sha256[:12]}"
+def make_vector_id(task: str, origin_seed: int, sha256: str, source: str | None = None) -> str:
+    """Default id: readable (task, seed) plus a digest of the content and of the job that wrote it (its `source`),
+    so re-training never collides silently and two jobs whose (deterministic) runs produce the same tensor keep two
+    entries, each in its own set. Without a source the digest is the content's."""
+    digest = sha256 if source is None else hashlib.sha256(f"{sha256}\0{source}".encode()).hexdigest()
+    return f"{task}-s{origin_seed}-{digest[:12]}"
 
 
 def _now_iso() -> str:
@@ -121,7 +124,7 @@ class TaskPromptVector:
         _check_finite(t, vector_id or task)
         digest = tensor_sha256(t)
         meta = VectorMeta(
-            vector_id=vector_id or make_vector_id(task, origin_seed, digest),
+            vector_id=vector_id or make_vector_id(task, origin_seed, digest, meta_fields.get("source")),
             task=task,
             backbone_id=backbone_id,
             prompt_length=t.shape[0],
