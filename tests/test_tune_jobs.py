@@ -281,3 +281,20 @@ def test_study_scores_every_recipe_and_length(swept, tiny_causal_path, tasks, tm
     norms = {(r["recipe"], r["steps"]): r["tau_norm"] for r in result["rows"]}
     assert norms[("lr=0.3", 8)] > norms[("lr=0.3", 4)]
     assert "winner:" in Path(result["paths"]["markdown"]).read_text()
+
+
+def test_study_recipes_from_a_grid_and_by_name():
+    from tune_jobs.config import JobConfigError
+    from tune_jobs.study import StudyConfig
+
+    base = dict(tasks=["imdb", "trec"], target="yelp")
+    named = StudyConfig(**base, recipes={"slow": {"lr": 0.003}})
+    assert named.all_recipes() == {"slow": {"lr": 0.003}}  # no grid: no extra empty recipe
+    grid = StudyConfig(**base, grid={"lr": [0.3, 0.03], "loss": ["lm", "label"]}, recipes={"slow": {"lr": 0.003}})
+    assert list(grid.all_recipes()) == ["slow", "lr=0.3,loss=lm", "lr=0.3,loss=label", "lr=0.03,loss=lm",
+                                        "lr=0.03,loss=label"]
+    with pytest.raises(JobConfigError, match="recipes or a grid"):
+        StudyConfig(**base).all_recipes()
+    config = StudyConfig(**base, steps=[60, 30], train={"loss": "label", "lr": 0.1}, recipes={"x": {"lr": 0.2}})
+    run = config.train_config(config.all_recipes()["x"], "imdb", 3)
+    assert (run.max_steps, run.eval_every, run.loss, run.lr, run.seed) == (60, 30, "label", 0.2, 3)

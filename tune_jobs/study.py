@@ -85,7 +85,7 @@ class StudyConfig(JobConfig):
         """The explicit recipes plus one per combination of the grid, named by their values."""
         out = dict(self.recipes)
         keys = list(self.grid)
-        for values in itertools.product(*(self.grid[k] for k in keys)):
+        for values in itertools.product(*(self.grid[k] for k in keys)) if keys else ():
             out[",".join(f"{k}={v}" for k, v in zip(keys, values))] = dict(zip(keys, values))
         if not out:
             raise JobConfigError("a study needs recipes or a grid (e.g. --grid lr=0.3,0.03)")
@@ -172,7 +172,8 @@ def score_trial(config: dict[str, Any]) -> None:
 
     spec = ScoreSpec.model_validate(config["spec"])
     started = time.perf_counter()
-    tune.report({"done": 1.0, "seconds": time.perf_counter() - started, **score_vectors(spec)})
+    scores = score_vectors(spec)
+    tune.report({"done": 1.0, "seconds": time.perf_counter() - started, **scores})
 
 
 def _score_label(trial) -> str:
