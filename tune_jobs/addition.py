@@ -25,11 +25,18 @@ from pydantic import BaseModel, ConfigDict, Field
 from tpv.backbone import BackboneConfig, backbone_id_for
 from tpv.bundled import DEFAULT_BACKBONE
 from tpv.paths import atomic_write
-from tune_jobs.config import JobConfig, config_from_args, start_ray
+from tune_jobs.config import JobConfig, add_resource_args, config_from_args, start_ray
 from tune_jobs.grid import Search, run_grid, short_hash
 from tune_jobs.locations import add_location_args
 from tune_jobs.runtime import init_ray, load_backbone, set_threads
-from tune_jobs.tables import csv_text, markdown_table, mean_std, pm, print_result
+from tune_jobs.tables import (
+    csv_text,
+    markdown_table,
+    mean_std,
+    pm,
+    print_result,
+    save_figure,
+)
 
 
 class AdditionConfig(JobConfig):
@@ -259,10 +266,7 @@ def plot(path: Path, rows: list[dict[str, Any]]) -> Path:
     ax.set_ylabel("retention (% of single-task test metric)")
     ax.set_title("Multi-task addition (red: disjoint label sets)")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -287,9 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weight-samples", type=int, help="per-task weight search: Optuna trials (default 0: off)")
     p.add_argument("--eval-examples", type=int, help="validation examples per task (default 200)")
     p.add_argument("--test-examples", type=int, help="test examples per task (default 200)")
-    p.add_argument("--cpus-per-trial", type=float)
-    p.add_argument("--gpus-per-trial", type=float)
-    p.add_argument("--max-concurrent", type=int)
+    add_resource_args(p)
     p.add_argument("--fresh", action="store_true", help="do not resume an interrupted experiment")
     add_location_args(p)
     return p

@@ -122,3 +122,10 @@ def start_ray(args) -> None:
 
     if args.address or args.num_cpus:
         init_ray(args.address, args.num_cpus)
+
+
+def add_resource_args(parser) -> None:
+    """The per-trial resource flags every job takes (`Resources`)."""
+    parser.add_argument("--cpus-per-trial", type=float, help="CPUs per trial; torch threads (default 1)")
+    parser.add_argument("--gpus-per-trial", type=float, help="GPU (fraction) per trial, e.g. 0.25 (default 0)")
+    parser.add_argument("--max-concurrent", type=int, help="at most this many trials at once")

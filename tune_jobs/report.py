@@ -24,7 +24,7 @@ from tpv.store import UnknownVector
 from tpv.vectors import similarity_by_pair_kind
 from tune_jobs.locations import add_location_args, locations_from_args
 from tune_jobs.runtime import init_ray
-from tune_jobs.tables import csv_text, markdown_table, mean_std, pm
+from tune_jobs.tables import csv_text, markdown_table, mean_std, pm, save_figure
 
 
 def pick_backbone(store, backbone_id: str | None) -> str:
@@ -115,10 +115,7 @@ def heatmap(path: Path, labels: list[str], matrices: dict[str, Any], tasks: list
         fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     fig.suptitle(title)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def similarity_report(store_uri: str, out_dir: str | Path, backbone_id: str | None = None,

@@ -38,6 +38,7 @@ from tpv.train import PRESETS, PresetName, TrainConfig
 from tune_jobs.config import (
     JobConfig,
     JobConfigError,
+    add_resource_args,
     config_from_args,
     deep_merge,
     parse_overrides,
@@ -297,9 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", nargs="+", type=int, help="training lengths scored (default 30 60)")
     p.add_argument("--eval-examples", type=int, help="validation examples per score (default 64)")
     p.add_argument("--test-examples", type=int, help="test examples per score (default 64)")
-    p.add_argument("--cpus-per-trial", type=float)
-    p.add_argument("--gpus-per-trial", type=float)
-    p.add_argument("--max-concurrent", type=int)
+    add_resource_args(p)
     p.add_argument("--fresh", action="store_true", help="do not resume an interrupted study")
     add_location_args(p)
     return p

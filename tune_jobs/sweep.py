@@ -24,7 +24,13 @@ from tpv.backbone import backbone_id_for
 from tpv.bundled import DEFAULT_BACKBONE
 from tpv.paths import atomic_write
 from tpv.train import PRESETS, PresetName, TrainConfig
-from tune_jobs.config import JobConfig, config_from_args, deep_merge, start_ray
+from tune_jobs.config import (
+    JobConfig,
+    add_resource_args,
+    config_from_args,
+    deep_merge,
+    start_ray,
+)
 from tune_jobs.grid import GridOutcome, run_grid, short_hash, specs_space
 from tune_jobs.locations import add_location_args
 from tune_jobs.runtime import init_ray
@@ -180,9 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", choices=list(PRESETS), help="the recipe (tpv.train.PRESETS; default causal_cpu)")
     p.add_argument("--set", nargs="+", metavar="KEY=VALUE", help="TrainConfig overrides, e.g. max_steps=200 "
                    "prompt_length=20 backbone.max_source_tokens=128")
-    p.add_argument("--cpus-per-trial", type=float, help="CPUs per trial (default 1)")
-    p.add_argument("--gpus-per-trial", type=float, help="GPU (fraction) per trial, e.g. 0.25 (default 0)")
-    p.add_argument("--max-concurrent", type=int, help="at most this many trials at once")
+    add_resource_args(p)
     p.add_argument("--max-failures", type=int, help="retries of a dead trial from its checkpoint (default 2)")
     p.add_argument("--force", action="store_true", help="train pairs that the store already has")
     p.add_argument("--fresh", action="store_true", help="do not resume an interrupted experiment of this sweep")

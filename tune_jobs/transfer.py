@@ -37,6 +37,7 @@ from tpv.train import PRESETS, InitSpec, PresetName, TrainConfig
 from tune_jobs.config import (
     JobConfig,
     JobConfigError,
+    add_resource_args,
     config_from_args,
     deep_merge,
     start_ray,
@@ -44,7 +45,14 @@ from tune_jobs.config import (
 from tune_jobs.grid import run_grid, short_hash, specs_space
 from tune_jobs.locations import add_location_args
 from tune_jobs.runtime import init_ray
-from tune_jobs.tables import csv_text, markdown_table, mean_std, pm, print_result
+from tune_jobs.tables import (
+    csv_text,
+    markdown_table,
+    mean_std,
+    pm,
+    print_result,
+    save_figure,
+)
 from tune_jobs.trial import TrialSpec
 
 Init = Literal["random", "spot", "multi_spot", "tpv", "tpv_auto"]
@@ -307,10 +315,7 @@ def plot_target(path: Path, target: str, metric: str, config: TransferConfig, ro
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -339,9 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tpv-coefficient", type=float, help="coefficient on the sum of source vectors (default 1)")
     p.add_argument("--auto-k", type=int, help="tpv_auto: how many similar tasks to combine (default 2)")
     p.add_argument("--set", nargs="+", metavar="KEY=VALUE", help="TrainConfig overrides, e.g. lr=0.1")
-    p.add_argument("--cpus-per-trial", type=float, help="CPUs per trial (default 1)")
-    p.add_argument("--gpus-per-trial", type=float, help="GPU fraction per trial (default 0)")
-    p.add_argument("--max-concurrent", type=int, help="at most this many trials at once")
+    add_resource_args(p)
     p.add_argument("--fresh", action="store_true", help="do not reuse an earlier run of the same experiment")
     p.add_argument("--verbose", type=int, help="Ray Tune console verbosity 0-3")
     add_location_args(p)

@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tpv.backbone import BackboneConfig, backbone_id_for
 from tpv.bundled import DEFAULT_BACKBONE
 from tpv.paths import atomic_write
-from tune_jobs.config import JobConfig, config_from_args, start_ray
+from tune_jobs.config import JobConfig, add_resource_args, config_from_args, start_ray
 from tune_jobs.grid import GridOutcome, Search, run_grid, short_hash
 from tune_jobs.locations import add_location_args
 from tune_jobs.runtime import init_ray, load_backbone, set_threads
@@ -342,9 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metric", help="validation metric to maximise, e.g. label_logprob (default: the task's)")
     p.add_argument("--eval-examples", type=int, help="validation examples per evaluation (default 200)")
     p.add_argument("--no-save", action="store_true", help="do not save the compositions in the store")
-    p.add_argument("--cpus-per-trial", type=float)
-    p.add_argument("--gpus-per-trial", type=float)
-    p.add_argument("--max-concurrent", type=int)
+    add_resource_args(p)
     p.add_argument("--verbose", type=int)
     add_location_args(p)
     return p
