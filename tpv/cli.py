@@ -206,7 +206,10 @@ def cmd_import_peft(args) -> None:
     from tpv.peft_io import import_peft
 
     vector = import_peft(args.folder, _backbone(args), args.task, args.origin_seed)
-    print(_store(args).put(vector))
+    store, meta = _store(args), vector.meta
+    # an adapter whose prompt is already stored (e.g. one exported from this store) is that vector, not a new one
+    same = [m for m in store.list(meta.backbone_id, task=meta.task, seed=meta.origin_seed) if m.sha256 == meta.sha256]
+    print(same[0].vector_id if same else store.put(vector))
 
 
 def cmd_store(args) -> None:
