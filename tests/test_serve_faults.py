@@ -16,7 +16,8 @@ from tpv.store import VectorStore
 
 APP = "tpv-faults-test"
 PREFIX = "/faults"
-WAIT_S = 0.4  # the batch window: requests sit on a replica this long, so a kill always finds some in flight
+WAIT_S = 2.0  # the batch window: requests sit on a replica this long, so a kill (at WAIT_S / 2) finds some in
+# flight even when a loaded machine takes a second to deliver them
 
 
 @pytest.fixture(scope="module")

@@ -114,7 +114,7 @@ def test_killed_trial_resumes_from_its_checkpoint(swept, tiny_causal_path, tasks
     the resumed run writes exactly the vector an uninterrupted run wrote: none lost, none duplicated."""
     from tune_jobs.sweep import run_sweep
 
-    _, clean, _ = swept
+    _, _, clean_store = swept
     marker = tmp_path / "died-once"
     store = tmp_path / "store"
     config = sweep_config(tiny_causal_path, store, ["imdb"], [0, 1], name="faulty")
@@ -125,8 +125,9 @@ def test_killed_trial_resumes_from_its_checkpoint(swept, tiny_causal_path, tasks
     assert rows["imdb/s1"]["status"] == "trained"
     metas = VectorStore(store).list()
     assert sorted((m.task, m.origin_seed) for m in metas) == [("imdb", 0), ("imdb", 1)]
-    clean_ids = {r["pair"]: r["vector_id"] for r in clean["rows"]}
-    assert {m.vector_id for m in metas} == {clean_ids["imdb/s0"], clean_ids["imdb/s1"]}  # bit-identical resume
+    uninterrupted = {(m.task, m.origin_seed): m.sha256 for m in VectorStore(clean_store).list(task="imdb")
+                     if m.origin_seed in (0, 1)}
+    assert {(m.task, m.origin_seed): m.sha256 for m in metas} == uninterrupted  # bit-identical resume
 
 
 def test_interrupted_sweep_resumes_with_tuner_restore(tiny_causal_path, tasks, tmp_path, ray_session, capsys):

@@ -92,7 +92,7 @@ def test_weight_search_finds_the_known_best(case, tmp_path):
     from tpv.compose import Composer
     from tpv.store import VectorStore
     from tune_jobs.locations import Locations
-    from tune_jobs.sweep import Resources
+    from tune_jobs.config import Resources
     from tune_jobs.weights import WeightSearchConfig, run_search
 
     values = case["values"]
