@@ -18,6 +18,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 from ray.tune import Callback
 
+from tpv.errors import TpvError
 from tune_jobs.locations import _is_uri
 from tune_jobs.trial import TrialSpec, train_trial
 
@@ -81,6 +82,10 @@ class Progress(Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self._print(f"{self._label(trial)}: FAILED (no retries left); see {trial.local_path}")
+
+
+class TrialsFailed(TpvError):
+    """Trials of a job failed after their retries; the same command resumes them."""
 
 
 class GridOutcome(BaseModel):

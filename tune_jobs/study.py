@@ -31,7 +31,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from tpv.backbone import BackboneConfig, backbone_id_for
+from tpv.backbone import BackboneConfig
 from tpv.bundled import DEFAULT_BACKBONE
 from tpv.paths import atomic_write
 from tpv.train import PRESETS, PresetName, TrainConfig
@@ -44,7 +44,7 @@ from tune_jobs.config import (
     parse_overrides,
     start_ray,
 )
-from tune_jobs.grid import run_grid, short_hash, specs_space
+from tune_jobs.grid import TrialsFailed, run_grid, short_hash, specs_space
 from tune_jobs.locations import add_location_args
 from tune_jobs.runtime import init_ray, load_backbone, set_threads
 from tune_jobs.tables import csv_text, markdown_table, print_result
@@ -189,7 +189,7 @@ def rank_key(row: dict[str, Any]) -> tuple:
 
 
 def run_study(config: StudyConfig) -> dict[str, Any]:
-    from tpv.store import VectorStore
+    from ray import tune
 
     if config.target in config.tasks:
         raise JobConfigError(f"the target {config.target!r} must be held out: it is one of the source tasks")
@@ -218,8 +218,8 @@ def run_study(config: StudyConfig) -> dict[str, Any]:
     trained = run_grid(specs_space(specs), experiment=f"{config.name}-{key}-train", job="study train", **run)
     failed = [o.error for o in trained if o.error]
     if failed:
-        raise JobConfigError(f"{len(failed)} study run(s) failed ({failed[0]}); run the same command again to "
-                             "resume them")
+        raise TrialsFailed(f"{len(failed)} study run(s) failed ({failed[0]}); run the same command again to "
+                           "resume them")
     first = specs[0].train
     scores = [
         ScoreSpec(recipe=name, steps=steps, source=snapshot_source(tags[name], steps), tasks=config.tasks,
@@ -229,8 +229,6 @@ def run_study(config: StudyConfig) -> dict[str, Any]:
                   addition_step=config.addition_step, cpus=config.resources.cpus_per_trial)
         for name in recipes for steps in config.steps
     ]
-    from ray import tune
-
     scored = run_grid({"spec": tune.grid_search([s.model_dump(mode="json") for s in scores])},
                       experiment=f"{config.name}-{key}-score", job="study score", trainable=score_trial,
                       name=_score_label, **run)
@@ -242,17 +240,14 @@ def run_study(config: StudyConfig) -> dict[str, Any]:
         spec = ScoreSpec.model_validate(o.config["spec"])
         rows.append({"recipe": spec.recipe, "steps": spec.steps, **{k: o.metrics.get(k) for k in SCORE_COLUMNS}})
     rows.sort(key=rank_key, reverse=True)
-    store = VectorStore(loc.store)
-    n_vectors = sum(len(store.list(backbone_id_for(config.backbone), kind="task", task=t)) for t in config.tasks)
-    return summarize(config, rows, failed, Path(loc.out_dir) / config.name, n_vectors)
+    return summarize(config, rows, failed, Path(loc.out_dir) / config.name)
 
 
 SCORE_COLUMNS = ["val", "same_task", "diff_task", "same_origin", "gap", "tpv_zero_shot", "random_zero_shot",
                  "zero_shot_gain", "retention", "addition_c", "tau_norm", "origin_norm"]
 
 
-def summarize(config: StudyConfig, rows: list[dict[str, Any]], failed: list[str], out: Path,
-              n_vectors: int) -> dict[str, Any]:
+def summarize(config: StudyConfig, rows: list[dict[str, Any]], failed: list[str], out: Path) -> dict[str, Any]:
     columns = ["recipe", "steps", *SCORE_COLUMNS]
     best = rows[0] if rows else None
     verdict = "no recipe scored" if best is None else (
@@ -268,8 +263,7 @@ def summarize(config: StudyConfig, rows: list[dict[str, Any]], failed: list[str]
     ])
     paths = {"markdown": str(atomic_write(out / "study.md", md)),
              "csv": str(atomic_write(out / "study.csv", csv_text(rows, columns)))}
-    return {"rows": rows, "best": best, "markdown": md, "paths": paths, "failed": len(failed),
-            "vectors": n_vectors}
+    return {"rows": rows, "best": best, "markdown": md, "paths": paths, "failed": len(failed)}
 
 
 def build_parser() -> argparse.ArgumentParser:
