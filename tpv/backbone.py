@@ -10,10 +10,16 @@ that starts every text with BOS (Gemma, Llama) gets its BOS right after the prom
 
 Logits are computed only where a loss or a score needs them (the target positions), never over every position
 and the whole vocabulary: on a 49k-vocabulary model that is most of the step's cost.
+
+Generation goes through `start_decoding`: a `Decoding` holds a batch's keys/values (causal: started from each row's
+cached prompt prefix, prompts of different lengths side by side) and steps it one token at a time; rows can leave.
+What to do with the log-probabilities (greedy, sampling, stop strings) is `tpv.generate`'s job.
 """
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import pairwise
 from typing import Literal
@@ -240,28 +246,35 @@ class Backbone:
         predicts input token i (index 0: the prompt's last position; index T: after the last input token)."""
         rows, width = ids.shape
         if isinstance(prompt, PromptPrefix):
-            from transformers import DynamicCache
-
             prefix = prompt if prompt.rows == rows else prompt.select(torch.zeros(rows, dtype=torch.long, device=self.device))
             if prefix.rows != rows:
                 raise BackboneInputError(f"{prompt.rows} prompt prefixes for a batch of {rows} rows")
             if width == 0:
                 return prefix.last.unsqueeze(1)
-            cache = DynamicCache(ddp_cache_data=prefix.layers, config=self.model.config)
             length = prefix.length
             full_mask = torch.cat([torch.ones(rows, length, dtype=mask.dtype, device=self.device), mask], dim=1)
             positions = torch.arange(length, length + width, device=self.device).unsqueeze(0).expand(rows, -1)
-            out = self.model.base_model(
-                inputs_embeds=self.embed(ids), attention_mask=full_mask, position_ids=positions,
-                past_key_values=cache, use_cache=True,
-            )
-            return torch.cat([prefix.last.unsqueeze(1).to(out.last_hidden_state.dtype), out.last_hidden_state], dim=1)
+            hidden = self._after_cache(self._cache(prefix.layers), ids, full_mask, positions)
+            return torch.cat([prefix.last.unsqueeze(1).to(hidden.dtype), hidden], dim=1)
         prompts = self._as_batch(prompt, rows)
         length = prompts.shape[1]
         embeds = torch.cat([prompts, self.embed(ids)], dim=1)
         full_mask = torch.cat([torch.ones(rows, length, dtype=mask.dtype, device=self.device), mask], dim=1)
         out = self.model.base_model(inputs_embeds=embeds, attention_mask=full_mask, use_cache=False)
         return out.last_hidden_state[:, length - 1 :]
+
+    def _cache(self, layers: tuple[tuple[Tensor, Tensor], ...]):
+        """A transformers cache holding `layers` (later steps concatenate: the tensors given are never modified)."""
+        from transformers import DynamicCache
+
+        return DynamicCache(ddp_cache_data=layers, config=self.model.config)
+
+    def _after_cache(self, cache, ids: Tensor, mask: Tensor, positions: Tensor) -> Tensor:
+        """Causal: final hidden states [B, T, d] of tokens `ids` run after the keys/values in `cache` (which grows by
+        them); `mask` covers cache + tokens, `positions` are the tokens' own (a row's padding takes no position)."""
+        out = self.model.base_model(inputs_embeds=self.embed(ids), attention_mask=mask, position_ids=positions,
+                                    past_key_values=cache, use_cache=True)
+        return out.last_hidden_state
 
     def _logprobs_at(self, hidden: Tensor) -> Tensor:
         """Log-probabilities over the vocabulary for the gathered hidden states [N, d] only."""
@@ -371,27 +384,151 @@ class Backbone:
         return prompts if prompts.shape[0] == 1 else prompts.repeat_interleave(times, dim=0)
 
     @torch.no_grad()
-    def generate(self, prompt: Tensor, sources: list[str], max_new_tokens: int = 16) -> list[str]:
-        """Greedy generation after the soft prompt; returns only the new text, stripped."""
-        self._check_rows(prompt, len(sources))
-        source_ids = self._source_ids(sources)
-        prompts = self._as_batch(prompt, len(sources))
-        length = prompts.shape[1]
-        ids, mask = self._pad(source_ids, left=not self.is_seq2seq)
-        token_embeds = self.embed(ids)
+    def start_decoding(self, prompts: Tensor | PromptPrefix | Sequence[PromptPrefix], sources: list[str]) -> Decoding:
+        """A batch ready to decode: every row's prompt and source run once, the next-token log-probabilities ready.
+
+        `prompts`: one prompt or one per row, as a tensor [B|1, L, d], a `PromptPrefix` (causal), or a list of 1-row
+        prefixes, one per row, whose lengths may differ (a mixed serving batch: each composition's cached keys/values
+        are gathered, never recomputed).
+        """
+        if not sources:
+            raise BackboneInputError("an empty batch: give at least one source")
         if self.is_seq2seq:
-            embeds = torch.cat([prompts, token_embeds], 1)
-            full_mask = torch.cat([torch.ones(len(sources), length, dtype=mask.dtype, device=self.device), mask], 1)
-        else:  # left padding goes before the prompt so every row ends where generation starts
-            embeds = torch.zeros(len(sources), length + ids.shape[1], self.hidden_size, dtype=self.dtype, device=self.device)
-            full_mask = torch.zeros(len(sources), length + ids.shape[1], dtype=mask.dtype, device=self.device)
-            for i, s in enumerate(source_ids):
-                start = ids.shape[1] - len(s)
-                embeds[i, start : start + length] = prompts[i]
-                embeds[i, start + length :] = token_embeds[i, start:]
-                full_mask[i, start:] = 1
-        out = self.model.generate(
-            inputs_embeds=embeds, attention_mask=full_mask, max_new_tokens=max_new_tokens, do_sample=False,
-            pad_token_id=self.pad_id, eos_token_id=self.eos_id,
+            if not isinstance(prompts, Tensor):
+                raise BackboneInputError("prompt prefixes apply to causal backbones; seq2seq prompts go through the encoder")
+            return _Seq2SeqDecoding(self, self._as_batch(prompts, len(sources)), self._source_ids(sources))
+        if isinstance(prompts, Tensor):
+            prompts = self.prefix(prompts)
+        if isinstance(prompts, PromptPrefix):
+            self._check_rows(prompts, len(sources))
+            rows = [prompts] if prompts.rows == 1 else [prompts.select(torch.tensor([i])) for i in range(prompts.rows)]
+            row_of = [0] * len(sources) if prompts.rows == 1 else list(range(len(sources)))
+        else:
+            if len(prompts) != len(sources):
+                raise BackboneInputError(f"{len(prompts)} prompt prefixes for a batch of {len(sources)} rows")
+            slot: dict[int, int] = {}
+            rows, row_of = [], []
+            for p in prompts:
+                if p.rows != 1:
+                    raise BackboneInputError(f"a per-row prompt prefix has 1 row, got {p.rows}")
+                if id(p) not in slot:
+                    slot[id(p)] = len(rows)
+                    rows.append(p)
+                row_of.append(slot[id(p)])
+        return _CausalDecoding(self, rows, row_of, self._source_ids(sources))
+
+    @torch.no_grad()
+    def generate(self, prompt: Tensor, sources: list[str], max_new_tokens: int = 16) -> list[str]:
+        """Greedy generation after the soft prompt (`tpv.generate`'s decoding loop); only the new text, stripped."""
+        from tpv.generate import SamplingParams, complete
+
+        self._check_rows(prompt, len(sources))
+        params = SamplingParams(max_new_tokens=max_new_tokens)
+        done = complete(self, self.start_decoding(prompt, sources), [params] * len(sources))
+        return [c.text.strip() for c in done]
+
+
+class Decoding(ABC):
+    """Rows decoded together, one token per `step`; `logprobs` [rows, vocab] (float32) predicts each row's next token.
+
+    `keep(index)` drops the other rows (finished ones leave the batch, so later steps cost only the rows still
+    running). `prompt_tokens` counts each row's source tokens (BOS included, the soft prompt not).
+    """
+
+    logprobs: Tensor
+    prompt_tokens: list[int]
+
+    @abstractmethod
+    def step(self, tokens: Tensor) -> Tensor:
+        """Append one token per running row; the log-probabilities of the token after it."""
+
+    @abstractmethod
+    def keep(self, index: Tensor) -> None:
+        """Keep only these rows (positions in the current order), in this order."""
+
+
+def _left_pad(t: Tensor, length: int, dim: int) -> Tensor:
+    """`t` with zeros before it along `dim` up to `length` (a shorter prompt beside longer ones, masked out)."""
+    missing = length - t.shape[dim]
+    if missing == 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = missing
+    return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+
+class _CausalDecoding(Decoding):
+    """Cache slots: [prompt, left-padded to the longest] [source, right-padded] [new tokens]; the mask hides padding
+    and each row's positions count only its own tokens, so every row sees exactly what it would see alone."""
+
+    def __init__(self, bb: Backbone, prefixes: list[PromptPrefix], row_of: list[int], source_ids: list[list[int]]):
+        self.bb = bb
+        dev = bb.device
+        longest = max(p.length for p in prefixes)
+        index = torch.tensor(row_of, device=dev)
+        layers = tuple(
+            (torch.cat([_left_pad(p.layers[i][0], longest, 2) for p in prefixes]).index_select(0, index),
+             torch.cat([_left_pad(p.layers[i][1], longest, 2) for p in prefixes]).index_select(0, index))
+            for i in range(len(prefixes[0].layers))
         )
-        return [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
+        lengths = torch.tensor([prefixes[j].length for j in row_of], device=dev)
+        prompt_mask = (torch.arange(longest, device=dev).unsqueeze(0) >= (longest - lengths).unsqueeze(1)).long()
+        last = torch.cat([p.last for p in prefixes]).index_select(0, index)
+        self.cache = bb._cache(layers)
+        self.prompt_tokens = [len(s) for s in source_ids]
+        src_len = torch.tensor(self.prompt_tokens, device=dev)
+        if max(self.prompt_tokens) == 0:  # nothing to run: the prompts' last states predict the first token
+            self.mask, hidden = prompt_mask, last
+        else:
+            ids, src_mask = bb._pad(source_ids)
+            self.mask = torch.cat([prompt_mask, src_mask], dim=1)
+            positions = lengths.unsqueeze(1) + torch.arange(ids.shape[1], device=dev).unsqueeze(0)
+            out = bb._after_cache(self.cache, ids, self.mask, positions)
+            states = torch.cat([last.unsqueeze(1).to(out.dtype), out], dim=1)  # index i predicts source token i
+            hidden = states[torch.arange(len(row_of), device=dev), src_len]
+        self.positions = lengths + src_len  # the next token's position, per row
+        self.logprobs = bb._logprobs_at(hidden)
+
+    def step(self, tokens: Tensor) -> Tensor:
+        self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], 1)], dim=1)
+        hidden = self.bb._after_cache(self.cache, tokens.to(self.bb.device).unsqueeze(1), self.mask,
+                                      self.positions.unsqueeze(1))
+        self.positions = self.positions + 1
+        self.logprobs = self.bb._logprobs_at(hidden[:, -1])
+        return self.logprobs
+
+    def keep(self, index: Tensor) -> None:
+        index = index.to(self.bb.device)
+        self.cache.batch_select_indices(index)
+        self.mask, self.positions = self.mask.index_select(0, index), self.positions.index_select(0, index)
+
+
+class _Seq2SeqDecoding(Decoding):
+    """The encoder runs once over [prompt][source]; the decoder steps from its start token with its own cache."""
+
+    def __init__(self, bb: Backbone, prompts: Tensor, source_ids: list[list[int]]):
+        from transformers import DynamicCache, EncoderDecoderCache
+
+        self.bb = bb
+        ids, mask = bb._pad(source_ids)
+        rows = ids.shape[0]
+        self.enc_mask = torch.cat([mask.new_ones(rows, prompts.shape[1]), mask], 1)
+        embeds = torch.cat([prompts, bb.embed(ids)], 1)
+        self.encoded = bb.model.get_encoder()(inputs_embeds=embeds, attention_mask=self.enc_mask).last_hidden_state
+        self.cache = EncoderDecoderCache(DynamicCache(config=bb.model.config), DynamicCache(config=bb.model.config))
+        self.prompt_tokens = [len(s) for s in source_ids]
+        start = bb.model.config.decoder_start_token_id
+        self.step(torch.full((rows,), start, dtype=torch.long))
+
+    def step(self, tokens: Tensor) -> Tensor:
+        out = self.bb.model(encoder_outputs=(self.encoded,), attention_mask=self.enc_mask,
+                            decoder_input_ids=tokens.to(self.bb.device).unsqueeze(1), past_key_values=self.cache,
+                            use_cache=True)
+        self.cache = out.past_key_values
+        self.logprobs = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
+        return self.logprobs
+
+    def keep(self, index: Tensor) -> None:
+        index = index.to(self.bb.device)
+        self.cache.batch_select_indices(index)
+        self.encoded, self.enc_mask = self.encoded.index_select(0, index), self.enc_mask.index_select(0, index)
