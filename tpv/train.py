@@ -1,6 +1,7 @@
 """One prompt-tuning run: a plain PyTorch loop over a frozen backbone, only the soft prompt learns.
 
-Ray Tune drives it through `callback` (metrics + a checkpoint at every evaluation) and `resume`; tpv never imports
+The run's config, checkpoint, result, schedule and batch order live here; the loop is `tpv.packed.train_pack`'s (a
+single run is a pack of one). Ray Tune drives it through `callback` (metrics + a checkpoint at every evaluation) and `resume`; tpv never imports
 Ray. A run is deterministic under (seed, data_seed): batches come from a seeded permutation per epoch, so a resumed
 run sees exactly the batches an uninterrupted one would have seen.
 """
@@ -9,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
@@ -18,15 +18,13 @@ import torch
 from pydantic import BaseModel, Field, model_validator
 from safetensors.torch import load_file, save_file
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from tpv.backbone import Backbone, BackboneConfig
 from tpv.compose import Composer, CompositionSpec
 from tpv.errors import InvalidInput
-from tpv.evaluate import evaluate
-from tpv.prompt import SoftPrompt, make_origin
+from tpv.prompt import make_origin
 from tpv.store import VectorStore
-from tpv.tasks import Example, TaskConfigError, few_shot, get_task, load_split
+from tpv.tasks import Example, TaskConfigError, few_shot, load_split
 from tpv.vectors import TaskPromptVector
 
 
@@ -249,91 +247,16 @@ def train(
     config: TrainConfig, backbone: Backbone | None = None, store: VectorStore | None = None,
     callback: Callback | None = None, resume: TrainCheckpoint | None = None,
 ) -> TrainResult:
-    """Tune a soft prompt on one task; return the best prompt seen on validation."""
-    started = time.perf_counter()
-    backbone = backbone or Backbone.load(config.backbone)
-    task = get_task(config.task)
-    if config.loss == "label" and not task.labels:
-        raise ValueError(f"loss 'label' needs a classification task; {config.task!r} has no label set")
-    train_set = training_examples(config)
-    dev_set = load_split(config.task, "validation", limit=config.eval_examples, seed=0)
-    length = prompt_length_for(config, backbone)
-    origin = make_origin(backbone, length, config.seed)
-    prompt = SoftPrompt(resume.prompt if resume else initial_prompt(config, backbone, origin, store)).to(backbone.device)
-    optimizer = torch.optim.AdamW(prompt.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    total = total_steps(config, len(train_set))
-    factor, start = _schedule(config, backbone, total), resume.step if resume else 0
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: factor(s + start))
-    state = resume or TrainCheckpoint(
-        step=0, best_metric=-math.inf, best_step=0, evals_since_best=0, history=[],
-        prompt=prompt.weight.detach().cpu(), best_prompt=prompt.weight.detach().cpu(),
-    )
-    if resume is not None and resume.exp_avg is not None:
-        _restore_adam(optimizer, prompt, resume)
+    """Tune a soft prompt on one task; return the best prompt seen on validation.
 
-    losses: list[float] = []
-
-    def run_eval(step: int) -> bool:
-        """Evaluate, keep the best prompt, tell the callback; True when patience ran out."""
-        metrics = evaluate(backbone, prompt.weight.detach(), task, dev_set, config.eval_batch_size)
-        score, tiebreak = metrics[task.metric], metrics.get("label_logprob", 0.0)
-        metrics["train_loss"] = sum(losses) / len(losses) if losses else math.nan
-        losses.clear()
-        state.history.append({"step": step, **metrics})
-        if (score, tiebreak) > (state.best_metric, state.best_tiebreak):
-            state.best_metric, state.best_tiebreak, state.best_step, state.evals_since_best = score, tiebreak, step, 0
-            state.best_prompt = prompt.weight.detach().cpu().clone()
-        else:
-            state.evals_since_best += 1
-        state.step, state.prompt = step, prompt.weight.detach().cpu().clone()
-        state.exp_avg, state.exp_avg_sq, state.adam_step = _adam_state(optimizer, prompt)
-        if callback is not None:
-            callback(step, {**metrics, "best": state.best_metric, "step": step}, state)
-        return config.patience is not None and state.evals_since_best >= config.patience
-
-    bar = tqdm(total=total, initial=state.step, desc=f"{config.task} s{config.seed}", disable=not config.progress)
-    batches = _batches(len(train_set), config.batch_size, config.data_seed, state.step)
-    stopped = False
-    for step in range(state.step + 1, total + 1):
-        rows = [train_set[i] for i in next(batches)]
-        if config.loss == "label":
-            loss = backbone.label_loss(prompt(), [e.source for e in rows], task.labels, [int(e.label) for e in rows])
-        else:
-            loss = backbone.loss(prompt(), [e.source for e in rows], [e.target for e in rows])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(prompt.parameters(), config.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        losses.append(loss.item())
-        bar.update(1)
-        bar.set_postfix(loss=f"{losses[-1]:.3f}", best=f"{state.best_metric:.3f}")
-        if step % config.eval_every == 0 or step == total:
-            if run_eval(step):
-                stopped = True
-                break
-    bar.close()
-    if not state.history:  # resumed at the very end: still report a metric
-        run_eval(state.step)
-    best = next(h for h in state.history if h["step"] == state.best_step) if state.history else {}
-    metrics = {k: v for k, v in best.items() if k != "step"} | {"best_step": float(state.best_step), "early_stopped": float(stopped)}
-    return TrainResult(
-        config=config, tuned=state.best_prompt, origin=origin, metrics=metrics, history=state.history,
-        steps=state.step, seconds=time.perf_counter() - started,
-    )
+    The loop is `tpv.packed.train_pack`'s: a single run is a pack of one, so a run alone and the same run in a pack
+    are one implementation."""
+    from tpv.packed import train_pack  # imported here: tpv.packed builds on this module
 
 
-def _adam_state(optimizer: torch.optim.Optimizer, prompt: SoftPrompt) -> tuple[Tensor | None, Tensor | None, float]:
-    st = optimizer.state.get(prompt.weight)
-    if not st:
-        return None, None, 0.0
-    return st["exp_avg"].detach().cpu().clone(), st["exp_avg_sq"].detach().cpu().clone(), float(st["step"])
+    def report(evaluations) -> None:
+        for e in evaluations:
+            callback(e.step, e.metrics, e.state)
 
-
-def _restore_adam(optimizer: torch.optim.Optimizer, prompt: SoftPrompt, ckpt: TrainCheckpoint) -> None:
-    device = prompt.weight.device
-    optimizer.state[prompt.weight] = {
-        "step": torch.tensor(ckpt.adam_step),
-        "exp_avg": ckpt.exp_avg.to(device),
-        "exp_avg_sq": ckpt.exp_avg_sq.to(device),
-    }
+    return train_pack([config], backbone, store, on_eval=report if callback is not None else None,
+                      resume=[resume])[0]

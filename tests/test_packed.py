@@ -1,0 +1,171 @@
+"""Packed training and evaluation on a tiny real model: each prompt of a pack ends as it ends alone.
+
+Tolerance: a prompt trained in a pack equals the same run alone within atol 1e-5 / rtol 1e-5 (float32; in practice
+runs whose label sets share a forward pass differ by ~1e-6 relative, from the different batch shapes of the
+matrix products, and runs alone in their pass are bit-identical). Evaluations agree on accuracy exactly and on the
+gold label's log-probability within 1e-5.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from task_data import write_builtin_task
+
+from tpv.backbone import Backbone, BackboneConfig
+from tpv.evaluate import classification_metrics, evaluate_many, label_groups, label_scores
+from tpv.packed import _losses, _start, train_pack
+from tpv.prompt import make_origin
+from tpv.tasks import get_task, load_split, register_task_file
+from tpv.train import TrainCheckpoint, TrainConfig, train
+
+TOL = {"atol": 1e-5, "rtol": 1e-5}
+QUESTIONS = [("what is the capital of france?", 4), ("who wrote the book?", 3), ("how many people live there?", 5),
+             ("what does the abbreviation mean?", 0), ("why is the sky blue?", 1), ("what animal is it?", 2)]
+
+
+def user_task(folder, name: str, labels: list[str], texts: list[str]) -> str:
+    """A task whose labels are single tokens of the tiny tokenizer ('no', 'yes', 'film', 'news', 'the')."""
+    rows = [{"text": t, "label": labels[i % len(labels)]} for i, t in enumerate(texts)]
+    (folder / f"{name}.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    (folder / f"{name}.yaml").write_text(
+        f"name: {name}\ntemplate: 'text: {{text}} answer:'\nlabels: {json.dumps(labels)}\nmetric: accuracy\n"
+        f"data:\n  splits: {{train: {name}.jsonl, validation: {name}.jsonl, test: {name}.jsonl}}\n"
+    )
+    return register_task_file(folder / f"{name}.yaml", overwrite=True).name
+
+
+@pytest.fixture(scope="module")
+def tasks(tmp_path_factory) -> dict[str, str]:
+    folder = tmp_path_factory.mktemp("tasks")
+    short = ["great fun", "a waste of time", "the film was boring", "wonderful acting", "terrible", "great story"]
+    long = [f"{t}, and the movie about the economy was news to people who live there" for t in short]
+    write_builtin_task("trec", [{"text": q, "label": y} for q, y in QUESTIONS] * 3)
+    return {"yesno": user_task(folder, "tiny_yesno", ["no", "yes"], short * 4),
+            "topic": user_task(folder, "tiny_topic", ["film", "news", "the"], long * 3), "trec": "trec"}
+
+
+@pytest.fixture(scope="module")
+def causal(tiny_causal_path) -> Backbone:
+    return Backbone.load(BackboneConfig(model=str(tiny_causal_path), dtype="float32"))
+
+
+def config(task: str, bb: Backbone, **kw) -> TrainConfig:
+    base = dict(task=task, backbone=BackboneConfig(model=bb.config.model, dtype="float32"), prompt_length=4,
+                lr=0.3, warmup_steps=2, batch_size=4, max_steps=12, eval_every=4, eval_examples=None, progress=False,
+                loss="label")
+    return TrainConfig(**{**base, **kw})
+
+
+def mixed_pack(tasks: dict[str, str], backbone: Backbone) -> list[TrainConfig]:
+    """Tasks with different label sets and source lengths, origin seeds, batch sizes, lengths and losses."""
+    return [
+        config(tasks["yesno"], backbone, seed=0),
+        config(tasks["topic"], backbone, seed=1, batch_size=5, max_steps=8, schedule="linear"),
+        config(tasks["trec"], backbone, seed=2, eval_every=3),
+        config(tasks["yesno"], backbone, seed=3, loss="lm", batch_size=3, data_seed=7),
+    ]
+
+
+def test_label_sets_of_single_tokens_share_a_pass_others_their_own(tasks, causal):
+    labels = [get_task(tasks[k]).labels for k in ("yesno", "topic", "trec", "yesno")]
+    groups = label_groups(causal, labels)
+    assert [g.members for g in groups] == [[0, 1, 3], [2]]  # trec's labels are several tokens: B x C rows
+    assert groups[0].labels == ["no", "yes", "film", "news", "the"]
+    assert groups[0].columns == [[0, 1], [2, 3, 4], [0, 1]]
+
+
+def test_each_packed_prompt_ends_as_it_ends_alone(tasks, causal):
+    configs = mixed_pack(tasks, causal)
+    finished: list[tuple[int, int]] = []
+    packed = train_pack(configs, causal, on_finish=lambda i, r: finished.append((i, r.steps)))
+    assert finished[0] == (1, 8) and sorted(finished) == [(0, 12), (1, 8), (2, 12), (3, 12)]  # 8 steps, then left
+    for cfg, got in zip(configs, packed):
+        alone = train(cfg, causal)
+        torch.testing.assert_close(got.tuned, alone.tuned, **TOL)
+        assert not torch.equal(alone.tuned, alone.origin)  # every run moved its prompt
+        assert got.steps == alone.steps and got.metrics["best_step"] == alone.metrics["best_step"]
+        assert [h["step"] for h in got.history] == [h["step"] for h in alone.history]
+        for mine, theirs in zip(got.history, alone.history):
+            assert mine["accuracy"] == theirs["accuracy"]
+            assert mine["train_loss"] == pytest.approx(theirs["train_loss"], rel=1e-5)
+
+
+def test_the_pack_gradient_is_each_prompts_own(tasks, causal):
+    """The pack's loss is the sum of each prompt's mean loss: each prompt gets exactly its own run's gradient."""
+    configs = mixed_pack(tasks, causal)
+    runs = [_start(i, c, causal, None, None) for i, c in enumerate(configs)]
+    rows = [[run.train_set[i] for i in next(run.batches)] for run in runs]
+    groups = {r.index: None for r in runs}
+    labelled = [r for r in runs if r.config.loss == "label"]
+    for group in label_groups(causal, [r.task.labels for r in labelled]):
+        group.members = [labelled[k].index for k in group.members]
+        groups |= {i: group for i in group.members}
+    torch.stack(_losses(causal, runs, groups, rows)).sum().backward()
+    for run, batch in zip(runs, rows):
+        alone = run.prompt.weight.detach().clone().requires_grad_(True)
+        sources = [e.source for e in batch]
+        if run.config.loss == "label":
+            loss = causal.label_loss(alone.unsqueeze(0), sources, run.task.labels, [int(e.label) for e in batch])
+        else:
+            loss = causal.loss(alone.unsqueeze(0), sources, [e.target for e in batch])
+        loss.backward()
+        assert alone.grad.abs().sum() > 0
+        torch.testing.assert_close(run.prompt.weight.grad, alone.grad, **TOL)
+
+
+def test_a_stopped_prompt_leaves_and_the_pack_goes_on(tasks, causal):
+    stuck = config(tasks["yesno"], causal, seed=4, lr=1e-12, patience=2, eval_every=2, max_steps=40)
+    other = config(tasks["topic"], causal, seed=5, max_steps=16)
+    evaluated: list[tuple[int, int]] = []
+    stopped, rest = train_pack([stuck, other], causal,
+                               on_eval=lambda evs: evaluated.extend((e.index, e.step) for e in evs))
+    assert stopped.steps == 6 and stopped.metrics["early_stopped"] == 1.0 and rest.steps == 16
+    assert [s for i, s in evaluated if i == 0] == [2, 4, 6] and [s for i, s in evaluated if i == 1] == [4, 8, 12, 16]
+    torch.testing.assert_close(rest.tuned, train(other, causal).tuned, **TOL)
+
+
+def test_a_pack_resumes_per_prompt_from_its_checkpoints(tasks, causal, tmp_path):
+    """Checkpoints taken at step 6 (prompts last evaluated at steps 4, 6 and 3) resume each prompt where it was."""
+    configs = mixed_pack(tasks, causal)[:3]
+    latest: dict[int, TrainCheckpoint] = {}
+
+    def keep(evaluations) -> None:
+        for e in evaluations:
+            if e.step <= 6:
+                e.state.save(tmp_path / str(e.index))
+                latest[e.index] = e.step
+
+    full = train_pack(configs, causal, on_eval=keep)
+    assert latest == {0: 4, 1: 4, 2: 6}
+    resumed = train_pack(configs, causal, resume=[TrainCheckpoint.load(tmp_path / str(i)) for i in range(3)])
+    for got, want in zip(resumed, full):
+        torch.testing.assert_close(got.tuned, want.tuned, **TOL)
+        assert [h["step"] for h in got.history] == [h["step"] for h in want.history]
+
+
+def test_a_pack_needs_one_prompt_length_and_one_backbone(tasks, causal):
+    from tpv.errors import InvalidInput
+
+    with pytest.raises(InvalidInput, match="prompt length"):
+        train_pack([config(tasks["yesno"], causal), config(tasks["yesno"], causal, prompt_length=5)], causal)
+    with pytest.raises(InvalidInput, match="backbone"):
+        train_pack([config(tasks["yesno"], causal), TrainConfig(task=tasks["yesno"], backbone={"model": "x"})], causal)
+
+
+def test_evaluate_many_gives_each_prompt_its_own_metrics(tasks, causal):
+    names = [tasks["yesno"], tasks["topic"], tasks["trec"], tasks["yesno"], tasks["topic"]]
+    prompts = [make_origin(causal, 4, seed) + 0.3 * torch.randn(4, 32, generator=torch.Generator().manual_seed(seed))
+               for seed in range(len(names))]
+    specs = [get_task(n) for n in names]
+    examples = [load_split(n, "validation", limit=limit, seed=0) for n, limit in zip(names, [24, 7, 18, 5, None])]
+    many = evaluate_many(causal, prompts, specs, examples, batch_size=4)
+    for prompt, spec, rows, got in zip(prompts, specs, examples, many):
+        # alone: the prompt tensor through the backbone's forward (no cached keys/values), its own labels only
+        scores = label_scores(causal, prompt, [e.source for e in rows], spec.labels, batch_size=4)
+        alone = classification_metrics(spec, scores, [e.label for e in rows])
+        assert got["accuracy"] == alone["accuracy"]
+        assert got["label_logprob"] == pytest.approx(alone["label_logprob"], abs=1e-5)
+    assert len({round(m["label_logprob"], 4) for m in many}) == len(many)  # five different prompts, five scores

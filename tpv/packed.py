@@ -1,0 +1,261 @@
+"""Packed training: K soft prompts tuned at once on one frozen backbone, one forward and one backward per step.
+
+Each prompt is its own run (its TrainConfig: task, origin seed, data order, AdamW state, schedule, evaluations,
+best prompt, patience, TrainCheckpoint), exactly as it would run alone; only the model's passes are shared. Every
+step stacks the active prompts' batches, each row carrying its own prompt, and the pack's loss is the SUM of each
+prompt's own mean loss: only a prompt's own rows depend on it, so its gradient is exactly the gradient of its own
+run, and clipping and AdamW then act per prompt. Evaluations due at one step share passes too
+(`tpv.evaluate.evaluate_many`). A prompt that finishes (its last step, or its patience) leaves the pack; the pack
+goes on. A single run is a pack of one (`tpv.train.train`).
+
+What shares a pass: prompts of one backbone and one prompt length (`pack_key`; the Tune jobs pack by it). Among
+them, label-loss prompts whose label sets join (`tpv.evaluate.label_groups`: tasks with different label sets and
+source lengths do) share one forward; LM-loss prompts share another. Still one backward per step.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from tpv.backbone import Backbone
+from tpv.errors import InvalidInput
+from tpv.evaluate import LabelGroup, evaluate_many, label_groups
+from tpv.prompt import SoftPrompt, make_origin
+from tpv.store import VectorStore
+from tpv.tasks import Example, TaskSpec, get_task, load_split
+from tpv.train import (
+    TrainCheckpoint,
+    TrainConfig,
+    TrainResult,
+    _batches,
+    _schedule,
+    initial_prompt,
+    prompt_length_for,
+    total_steps,
+    training_examples,
+)
+
+
+class Evaluation(BaseModel):
+    """One prompt's evaluation during a pack: which prompt (its index in the pack), the step, its metrics (with
+    `best` and `step`) and its state to checkpoint."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    index: int
+    step: int
+    metrics: dict[str, float]
+    state: TrainCheckpoint
+
+
+#: called once per pack step at which prompts were evaluated (after the prompts that finished left the pack)
+PackCallback = Callable[[list[Evaluation]], None]
+#: called the moment a prompt finishes: (its index, its result)
+FinishCallback = Callable[[int, TrainResult], None]
+
+
+def pack_key(config: TrainConfig) -> str:
+    """Runs with equal keys can share a pack: one backbone (same config) and one prompt length."""
+    return f"{config.backbone.model_dump_json()}|L={config.prompt_length}"
+
+
+@dataclass
+class _Run:
+    """One prompt of a pack: everything `tpv.train.train` keeps for a run."""
+
+    index: int
+    config: TrainConfig
+    task: TaskSpec
+    train_set: list[Example]
+    dev_set: list[Example]
+    origin: Tensor
+    prompt: SoftPrompt
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    state: TrainCheckpoint
+    total: int
+    step: int
+    batches: Iterator[list[int]]
+    losses: list[float] = field(default_factory=list)
+    stopped: bool = False
+
+    @property
+    def finished(self) -> bool:
+        return self.stopped or self.step >= self.total
+
+
+def _start(index: int, config: TrainConfig, backbone: Backbone, store: VectorStore | None,
+           resume: TrainCheckpoint | None) -> _Run:
+    task = get_task(config.task)
+    if config.loss == "label" and not task.labels:
+        raise ValueError(f"loss 'label' needs a classification task; {config.task!r} has no label set")
+    train_set = training_examples(config)
+    dev_set = load_split(config.task, "validation", limit=config.eval_examples, seed=0)
+    origin = make_origin(backbone, prompt_length_for(config, backbone), config.seed)
+    prompt = SoftPrompt(resume.prompt if resume else initial_prompt(config, backbone, origin, store)).to(backbone.device)
+    optimizer = torch.optim.AdamW(prompt.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    total = total_steps(config, len(train_set))
+    factor, start = _schedule(config, backbone, total), resume.step if resume else 0
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: factor(s + start))
+    state = resume or TrainCheckpoint(
+        step=0, best_metric=-math.inf, best_step=0, evals_since_best=0, history=[],
+        prompt=prompt.weight.detach().cpu(), best_prompt=prompt.weight.detach().cpu(),
+    )
+    if resume is not None and resume.exp_avg is not None:
+        optimizer.state[prompt.weight] = {"step": torch.tensor(resume.adam_step),
+                                          "exp_avg": resume.exp_avg.to(backbone.device),
+                                          "exp_avg_sq": resume.exp_avg_sq.to(backbone.device)}
+    run = _Run(index, config, task, train_set, dev_set, origin, prompt, optimizer, scheduler, state, total,
+               state.step, _batches(len(train_set), config.batch_size, config.data_seed, state.step))
+    # a run checkpointed after its patience ran out had stopped: it stays stopped
+    run.stopped = config.patience is not None and state.evals_since_best >= config.patience and state.history != []
+    return run
+
+
+def _adam_state(run: _Run) -> tuple[Tensor | None, Tensor | None, float]:
+    st = run.optimizer.state.get(run.prompt.weight)
+    if not st:
+        return None, None, 0.0
+    return st["exp_avg"].detach().cpu().clone(), st["exp_avg_sq"].detach().cpu().clone(), float(st["step"])
+
+
+def _losses(backbone: Backbone, runs: list[_Run], groups: dict[int, LabelGroup | None],
+            rows: list[list[Example]]) -> list[Tensor]:
+    """Each run's own mean loss on its rows, from one forward per group of runs (label groups, and LM loss)."""
+    out: list[Tensor | None] = [None] * len(runs)
+    by_group: dict[int, list[int]] = {}
+    for k, run in enumerate(runs):
+        group = groups[run.index]
+        by_group.setdefault(-1 if group is None else id(group), []).append(k)
+    for members in by_group.values():
+        group = groups[runs[members[0]].index]
+        prompts = torch.cat([runs[k].prompt().expand(len(rows[k]), -1, -1) for k in members])
+        sources = [e.source for k in members for e in rows[k]]
+        offsets = [0]
+        for k in members:
+            offsets.append(offsets[-1] + len(rows[k]))
+        if group is not None:
+            scores = backbone.label_scores(prompts, sources, group.labels)
+            for j, k in enumerate(members):
+                cols = group.columns[group.members.index(runs[k].index)]
+                gold = torch.tensor([int(e.label) for e in rows[k]], dtype=torch.long, device=scores.device)
+                out[k] = torch.nn.functional.cross_entropy(scores[offsets[j] : offsets[j + 1], cols], gold)
+        else:
+            targets = backbone._target_ids([e.target for k in members for e in rows[k]], eos=True)
+            logp, row_of = backbone._target_logprobs(prompts, sources, targets)  # per-token, with its row
+            for j, k in enumerate(members):
+                mine = (row_of >= offsets[j]) & (row_of < offsets[j + 1])
+                out[k] = -logp[mine].mean()
+    return out  # type: ignore[return-value]
+
+
+def _evaluate(backbone: Backbone, runs: list[_Run]) -> list[Evaluation]:
+    """Evaluate the due runs in shared passes; keep each one's best prompt and patience count."""
+    found = evaluate_many(backbone, [r.prompt.weight.detach() for r in runs], [r.task for r in runs],
+                          [r.dev_set for r in runs], max(r.config.eval_batch_size for r in runs))
+    evaluations = []
+    for run, metrics in zip(runs, found):
+        state = run.state
+        score, tiebreak = metrics[run.task.metric], metrics.get("label_logprob", 0.0)
+        metrics["train_loss"] = sum(run.losses) / len(run.losses) if run.losses else math.nan
+        run.losses.clear()
+        state.history.append({"step": run.step, **metrics})
+        if (score, tiebreak) > (state.best_metric, state.best_tiebreak):
+            state.best_metric, state.best_tiebreak, state.best_step, state.evals_since_best = score, tiebreak, run.step, 0
+            state.best_prompt = run.prompt.weight.detach().cpu().clone()
+        else:
+            state.evals_since_best += 1
+        state.step, state.prompt = run.step, run.prompt.weight.detach().cpu().clone()
+        state.exp_avg, state.exp_avg_sq, state.adam_step = _adam_state(run)
+        if run.config.patience is not None and state.evals_since_best >= run.config.patience:
+            run.stopped = True
+        evaluations.append(Evaluation(index=run.index, step=run.step,
+                                      metrics={**metrics, "best": state.best_metric, "step": run.step}, state=state))
+    return evaluations
+
+
+def _result(run: _Run, started: float) -> TrainResult:
+    state = run.state
+    best = next(h for h in state.history if h["step"] == state.best_step) if state.history else {}
+    metrics = {k: v for k, v in best.items() if k != "step"} | {"best_step": float(state.best_step),
+                                                                "early_stopped": float(run.stopped)}
+    return TrainResult(config=run.config, tuned=state.best_prompt, origin=run.origin, metrics=metrics,
+                       history=state.history, steps=state.step, seconds=time.perf_counter() - started)
+
+
+def train_pack(
+    configs: Sequence[TrainConfig], backbone: Backbone | None = None, store: VectorStore | None = None,
+    on_eval: PackCallback | None = None, on_finish: FinishCallback | None = None,
+    resume: Sequence[TrainCheckpoint | None] | None = None,
+) -> list[TrainResult]:
+    """Tune `configs` as one pack; return each prompt's result (the best prompt it saw on validation), in order.
+
+    `resume[i]` restarts prompt i from its checkpoint (None: from its start); `on_eval` gets every step's
+    evaluations, `on_finish` each prompt the moment it finishes."""
+    started = time.perf_counter()
+    if not configs:
+        raise InvalidInput("a pack needs at least one run")
+    if len({c.backbone.model_dump_json() for c in configs}) != 1:
+        raise InvalidInput("the runs of a pack share one backbone: their backbone configs differ")
+    backbone = backbone or Backbone.load(configs[0].backbone)
+    resume = list(resume) if resume is not None else [None] * len(configs)
+    if len(resume) != len(configs):
+        raise InvalidInput(f"{len(resume)} checkpoints for a pack of {len(configs)} runs")
+    runs = [_start(i, c, backbone, store, r) for i, (c, r) in enumerate(zip(configs, resume))]
+    if len({r.origin.shape[0] for r in runs}) != 1:
+        raise InvalidInput("the runs of a pack share one prompt length: their prompt lengths differ")
+    labelled = [r for r in runs if r.config.loss == "label"]
+    groups: dict[int, LabelGroup | None] = {r.index: None for r in runs}
+    for group in label_groups(backbone, [r.task.labels for r in labelled]):
+        group.members = [labelled[k].index for k in group.members]
+        groups |= {i: group for i in group.members}
+
+    results: list[TrainResult | None] = [None] * len(runs)
+
+    def finish(done: list[_Run]) -> None:
+        for run in done:
+            results[run.index] = _result(run, started)
+            if on_finish is not None:
+                on_finish(run.index, results[run.index])
+
+    # resumed at their very end (or past their patience): still report a metric, then leave
+    ended = [r for r in runs if r.finished]
+    late = _evaluate(backbone, [r for r in ended if not r.state.history]) if any(not r.state.history for r in ended) else []
+    finish(ended)
+    if late and on_eval is not None:
+        on_eval(late)
+    active = [r for r in runs if not r.finished]
+    solo = runs[0].config if len(runs) == 1 else None
+    bar = tqdm(total=max((r.total for r in runs), default=0), initial=min((r.step for r in active), default=0),
+               desc=f"{solo.task} s{solo.seed}" if solo else f"pack of {len(runs)}",
+               disable=not any(c.progress for c in configs))
+    while active:
+        rows = [[run.train_set[i] for i in next(run.batches)] for run in active]
+        losses = _losses(backbone, active, groups, rows)
+        for run in active:
+            run.optimizer.zero_grad(set_to_none=True)
+        torch.stack(losses).sum().backward()
+        for run, loss in zip(active, losses):
+            torch.nn.utils.clip_grad_norm_(run.prompt.parameters(), run.config.grad_clip)
+            run.optimizer.step()
+            run.scheduler.step()
+            run.losses.append(loss.item())
+            run.step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{sum(r.losses[-1] for r in active) / len(active):.3f}", active=len(active))
+        due = [r for r in active if r.step % r.config.eval_every == 0 or r.step == r.total]
+        evaluations = _evaluate(backbone, due) if due else []
+        finish([r for r in active if r.finished])
+        if evaluations and on_eval is not None:
+            on_eval(evaluations)
+        active = [r for r in active if not r.finished]
+    bar.close()
+    return results  # type: ignore[return-value]
