@@ -169,3 +169,20 @@ def test_evaluate_many_gives_each_prompt_its_own_metrics(tasks, causal):
         assert got["accuracy"] == alone["accuracy"]
         assert got["label_logprob"] == pytest.approx(alone["label_logprob"], abs=1e-5)
     assert len({round(m["label_logprob"], 4) for m in many}) == len(many)  # five different prompts, five scores
+
+
+def test_auto_pack_size_fills_the_trial_slots_within_half_the_free_memory(tiny_causal_path):
+    from transformers import AutoConfig
+
+    from tpv.packed import activation_bytes, auto_pack_size
+
+    configs = [TrainConfig(task="imdb", backbone={"model": str(tiny_causal_path)}, prompt_length=4, batch_size=4,
+                           seed=s) for s in range(10)]
+    per_prompt = activation_bytes(configs[0], AutoConfig.from_pretrained(tiny_causal_path), 4)
+    weights = sum(f.stat().st_size for f in tiny_causal_path.glob("*.safetensors"))
+    plenty = 10**15
+    assert auto_pack_size(configs, slots=1, free_bytes=plenty, device="cpu") == 10
+    assert auto_pack_size(configs, slots=3, free_bytes=plenty, device="cpu") == 4  # ceil(10 / 3): every slot busy
+    assert auto_pack_size(configs, slots=1, free_bytes=2 * (weights + 3 * per_prompt), device="cpu") == 3
+    assert auto_pack_size(configs, slots=1, free_bytes=2 * (weights + 3 * per_prompt) - 1, device="cpu") == 2
+    assert auto_pack_size(configs, slots=1, free_bytes=0, device="cpu") == 1

@@ -299,3 +299,62 @@ def test_study_recipes_from_a_grid_and_by_name():
     config = StudyConfig(**base, steps=[60, 30], train={"loss": "label", "lr": 0.1}, recipes={"x": {"lr": 0.2}})
     run = config.train_config(config.all_recipes()["x"], "imdb", 3)
     assert (run.max_steps, run.eval_every, run.loss, run.lr, run.seed) == (60, 30, "label", 0.2, 3)
+
+
+def test_packed_sweep_trains_every_pair_in_fewer_trials(swept, tiny_causal_path, tasks, tmp_path):
+    """--pack 3: the 4 pairs run as 2 trials (2 + 2, one model load each); every pair writes its own vector, equal
+    to the unpacked sweep's within float tolerance (tests/test_packed.py states it)."""
+    import torch
+
+    from tune_jobs.config import Resources
+    from tune_jobs.sweep import run_sweep
+
+    _, _, clean_store = swept
+    store = tmp_path / "store"
+    outcome = run_sweep(sweep_config(tiny_causal_path, store, tasks, [0, 1], name="clean", resources=Resources(pack=3)))
+    assert [r["status"] for r in outcome["rows"]] == ["trained"] * 4 and outcome["failed"] == 0
+    trials = [p for p in (tmp_path / "ray_results" / outcome["experiment"]).iterdir() if p.is_dir()]
+    assert sorted(p.name.split("_")[0] for p in trials) == ["imdb-s0+1", "trec-s0+1"]
+    packed, plain = VectorStore(store), VectorStore(clean_store)
+    assert {r["vector_id"] for r in outcome["rows"]} == {m.vector_id for m in packed.list()}
+    for meta in packed.list():
+        (twin,) = [m for m in plain.list(task=meta.task, seed=meta.origin_seed)]
+        assert meta.source == twin.source  # the same recipe: one vector set
+        torch.testing.assert_close(packed.get(meta.vector_id).tensor, plain.get(twin.vector_id).tensor,
+                                   atol=1e-5, rtol=1e-5)
+    again = run_sweep(sweep_config(tiny_causal_path, store, tasks, [0, 1], name="clean", resources=Resources(pack=3)))
+    assert [r["status"] for r in again["rows"]] == ["in store"] * 4
+
+
+def test_a_killed_pack_resumes_each_pair_from_its_checkpoint(tiny_causal_path, tasks, tmp_path):
+    """imdb s0 and s1 in one pack; the worker dies after the first checkpoint: both resume at step 4 and write
+    exactly the vectors of a pack that never died."""
+    from tune_jobs.config import Resources
+    from tune_jobs.sweep import run_sweep
+
+    def sweep(name: str, trainable=None):
+        config = sweep_config(tiny_causal_path, tmp_path / name / "store", ["imdb"], [0, 1], name="faulty",
+                              resources=Resources(pack=2))
+        return run_sweep(config, **({"trainable": trainable} if trainable else {}))
+
+    marker = tmp_path / "died-once"
+    outcome = sweep("killed", dies_once_after_a_checkpoint("imdb", 0, str(marker)))
+    assert marker.read_text().startswith("imdb/s0 died after step 4")
+    assert [r["status"] for r in outcome["rows"]] == ["trained (resumed at step 4)"] * 2
+    clean = sweep("clean")
+    assert [r["status"] for r in clean["rows"]] == ["trained"] * 2
+    killed, whole = VectorStore(tmp_path / "killed" / "store").list(), VectorStore(tmp_path / "clean" / "store").list()
+    assert sorted((m.origin_seed, m.sha256) for m in killed) == sorted((m.origin_seed, m.sha256) for m in whole)
+
+
+def test_pack_flag():
+    from tune_jobs.config import config_from_args
+    from tune_jobs.sweep import SweepConfig, build_parser
+
+    def pack(*flags: str):
+        args = build_parser().parse_args(["--tasks", "imdb", *flags])
+        return config_from_args(SweepConfig, args, ("tasks",)).resources.pack
+
+    assert (pack(), pack("--pack"), pack("--pack", "4")) == (1, "auto", 4)
+    with pytest.raises(SystemExit):
+        pack("--pack", "0")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -24,6 +24,9 @@ class Resources(BaseModel):
     cpus_per_trial: float = Field(1.0, gt=0)
     gpus_per_trial: float = Field(0.0, ge=0, description="e.g. 0.25: four trials share one GPU")
     max_concurrent: int | None = Field(None, ge=1, description="cap on trials running at once")
+    pack: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        1, description="runs per trial, trained as one pack (tpv.packed): the model loaded once, one forward and "
+        "backward per step; 'auto': as many as the device's memory holds")
 
 
 class JobConfig(BaseModel):
@@ -46,7 +49,7 @@ class JobConfig(BaseModel):
 def resources_from_args(args, data: dict[str, Any]) -> dict[str, Any]:
     """The `resources` section of a job config with --cpus-per-trial/--gpus-per-trial/--max-concurrent applied."""
     resources = dict(data.get("resources", {}))
-    for key in ("cpus_per_trial", "gpus_per_trial", "max_concurrent"):
+    for key in ("cpus_per_trial", "gpus_per_trial", "max_concurrent", "pack"):
         if getattr(args, key, None) is not None:
             resources[key] = getattr(args, key)
     return resources
@@ -129,3 +132,20 @@ def add_resource_args(parser) -> None:
     parser.add_argument("--cpus-per-trial", type=float, help="CPUs per trial; torch threads (default 1)")
     parser.add_argument("--gpus-per-trial", type=float, help="GPU (fraction) per trial, e.g. 0.25 (default 0)")
     parser.add_argument("--max-concurrent", type=int, help="at most this many trials at once")
+    parser.add_argument("--pack", nargs="?", const="auto", type=_pack_size, metavar="K",
+                        help="train K runs per trial as one pack (the model loaded once, one forward and backward per "
+                        "step); --pack alone: K from the device's memory (default 1: one run per trial)")
+
+
+def _pack_size(value: str) -> int | str:
+    if value == "auto":
+        return value
+    try:
+        size = int(value)
+    except ValueError:
+        size = 0
+    if size < 1:
+        import argparse
+
+        raise argparse.ArgumentTypeError(f"--pack takes a number >= 1 or 'auto', got {value!r}")
+    return size

@@ -3,12 +3,17 @@
 `run_grid` runs trial specs with `tune.with_resources`, FIFO, `FailureConfig` retries from the last checkpoint, one
 progress line per event, and resumes an interrupted experiment of the same name with `Tuner.restore`. A search
 (Optuna through `ray.tune.search`) goes through the same function with `search`.
+
+Packs: `specs_space(specs, pack=K)` puts the runs in packs of up to K (`pack_specs`), one Tune trial per pack
+(`tpv.packed.train_pack`: the model loaded once, one forward and backward per step); `run_grid` gives every run of
+a pack its own `GridOutcome`, so jobs read packed and unpacked grids alike. `pack_size` resolves `--pack auto`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import posixpath
 import time
 from collections.abc import Callable, Sequence
@@ -19,6 +24,8 @@ from pydantic import BaseModel, ConfigDict
 from ray.tune import Callback
 
 from tpv.errors import TpvError
+from tpv.packed import pack_key
+from tune_jobs.config import Resources
 from tune_jobs.locations import _is_uri
 from tune_jobs.trial import TrialSpec, train_trial
 
@@ -28,8 +35,11 @@ def short_hash(data: Any, n: int = 8) -> str:
 
 
 def trial_name(trial) -> str:
-    spec = trial.config.get("spec", {})
-    return str(spec.get("label", trial.trial_id) if isinstance(spec, dict) else trial.trial_id).replace("/", "-")
+    """The spec's label; a pack is named by its first run and how many more it holds."""
+    pack = trial.config.get("pack")
+    spec = pack[0] if pack else trial.config.get("spec", {})
+    name = str(spec.get("label", trial.trial_id) if isinstance(spec, dict) else trial.trial_id).replace("/", "-")
+    return f"{name}+{len(pack) - 1}" if pack and len(pack) > 1 else name
 
 
 class Progress(Callback):
@@ -55,6 +65,16 @@ class Progress(Callback):
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         label = self._label(trial)
+        if "members" in result:  # a pack finished: one line per run
+            for member, final in result["members"].items():
+                self._line(member, final)
+        elif "evals" in result:  # a pack's evaluations at one step
+            for member, metrics in result["evals"].items():
+                self._line(member, metrics)
+        else:
+            self._line(label, result)
+
+    def _line(self, label: str, result: dict) -> None:
         if result.get("skipped"):
             self._print(f"{label}: already in the store ({result.get('vector_id')}), skipped")
         elif result.get("done"):
@@ -116,11 +136,47 @@ class Search(BaseModel):
     scheduler: Any = None
 
 
-def specs_space(specs: Sequence[TrialSpec]) -> dict[str, Any]:
-    """The param space of a grid of trial specs: one trial per spec."""
+def specs_space(specs: Sequence[TrialSpec], pack: int = 1) -> dict[str, Any]:
+    """The param space of a grid of trial specs: one trial per spec, or with `pack` > 1 one trial per pack."""
     from ray import tune
 
-    return {"spec": tune.grid_search([s.model_dump(mode="json") for s in specs])}
+    if pack <= 1:
+        return {"spec": tune.grid_search([s.model_dump(mode="json") for s in specs])}
+    return {"pack": tune.grid_search([[s.model_dump(mode="json") for s in p] for p in pack_specs(specs, pack)])}
+
+
+def pack_specs(specs: Sequence[TrialSpec], size: int) -> list[list[TrialSpec]]:
+    """Runs that can share a pack (one backbone and prompt length, `tpv.packed.pack_key`; one source store; one CPU
+    count) in packs of at most `size`, as even as possible: n such runs make ceil(n / size) packs, in their order."""
+    groups: dict[tuple, list[TrialSpec]] = {}
+    for spec in specs:
+        groups.setdefault((pack_key(spec.train), spec.source_store, spec.cpus), []).append(spec)
+    packs = []
+    for members in groups.values():
+        n = math.ceil(len(members) / size)
+        bounds = [round(i * len(members) / n) for i in range(n + 1)]
+        packs += [members[a:b] for a, b in zip(bounds, bounds[1:])]
+    return packs
+
+
+def pack_size(resources: Resources, specs: Sequence[TrialSpec]) -> int:
+    """K: `resources.pack`, or for "auto" what the device's memory holds (`tpv.packed.auto_pack_size`), no more
+    than keeps every trial slot of the cluster busy (ceil(runs / slots))."""
+    import ray
+
+    from tpv.packed import auto_pack_size, free_memory_bytes
+
+    if resources.pack != "auto" or not specs:
+        return 1 if resources.pack == "auto" else resources.pack
+    cluster = ray.cluster_resources()
+    slots = int(cluster.get("CPU", 1) // resources.cpus_per_trial)
+    if resources.gpus_per_trial:
+        slots = min(slots, int(cluster.get("GPU", 0) // resources.gpus_per_trial))
+    slots = max(1, min(slots, resources.max_concurrent or slots))
+    device = "cuda" if resources.gpus_per_trial else "cpu"
+    share = resources.gpus_per_trial if resources.gpus_per_trial else 1.0 / slots
+    free = free_memory_bytes(device) * min(share, 1.0)
+    return auto_pack_size([s.train for s in specs], slots, int(free), device)
 
 
 def run_grid(
@@ -170,11 +226,17 @@ def run_grid(
                 callbacks=[Progress(job, namer)],
             ),
         )
-    return [
-        GridOutcome(config=dict(result.config), metrics=dict(result.metrics or {}),
-                    error=None if result.error is None else _one_line(result.error), path=str(result.path))
-        for result in tuner.fit()
-    ]
+    outcomes = []
+    for result in tuner.fit():
+        config, metrics = dict(result.config), dict(result.metrics or {})
+        error = None if result.error is None else _one_line(result.error)
+        if "pack" in config:  # one outcome per run of the pack
+            members = metrics.get("members", {})
+            outcomes += [GridOutcome(config={"spec": spec}, metrics=members.get(spec["label"], {}), error=error,
+                                     path=str(result.path)) for spec in config["pack"]]
+        else:
+            outcomes.append(GridOutcome(config=config, metrics=metrics, error=error, path=str(result.path)))
+    return outcomes
 
 
 def _one_line(error: BaseException) -> str:

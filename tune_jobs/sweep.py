@@ -31,7 +31,7 @@ from tune_jobs.config import (
     deep_merge,
     start_ray,
 )
-from tune_jobs.grid import GridOutcome, run_grid, short_hash, specs_space
+from tune_jobs.grid import GridOutcome, pack_size, run_grid, short_hash, specs_space
 from tune_jobs.locations import add_location_args
 from tune_jobs.runtime import init_ray
 from tune_jobs.tables import csv_text, markdown_table
@@ -118,8 +118,11 @@ def run_sweep(config: SweepConfig, trainable: Callable[[dict], None] = train_tri
             )
             for cfg in pending
         ]
+        pack = pack_size(config.resources, specs)
+        if pack > 1:
+            print(f"[sweep] {len(specs)} pairs in packs of up to {pack}", flush=True)
         outcomes = run_grid(
-            specs_space(specs), experiment=experiment, storage_path=loc.storage_path, cpus=config.resources.cpus_per_trial,
+            specs_space(specs, pack), experiment=experiment, storage_path=loc.storage_path, cpus=config.resources.cpus_per_trial,
             gpus=config.resources.gpus_per_trial, max_failures=config.max_failures,
             max_concurrent=config.resources.max_concurrent, restore=not config.fresh, verbose=config.verbose,
             job="sweep", trainable=trainable,
@@ -174,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "store. Pairs already stored are skipped; an interrupted sweep resumes from its checkpoints.",
         epilog="Examples:\n  tpv sweep --tasks rotten_tomatoes tweets trec sms_spam --seeds 0 1\n"
                "  tpv sweep --config sweep.yaml --preset causal --gpus-per-trial 0.25\n"
+               "  tpv sweep --tasks rotten_tomatoes tweets trec sms_spam --seeds 0 1 --pack 4\n"
                "  RAY_ADDRESS=auto tpv sweep --config sweep.yaml --store /mnt/shared/tpv/store\n",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -1,23 +1,30 @@
-"""The trial every training job runs: `tpv.train.train` inside Ray Tune.
+"""The trial every training job runs: one run, or a pack of runs (`tpv.packed.train_pack`), inside Ray Tune.
 
-`train_trial` skips a (backbone, task, seed) pair already in the output store, resumes from `tune.get_checkpoint()`,
-reports metrics with a `tune.Checkpoint` at every evaluation, and at the end evaluates on the test split (transfer)
-and/or writes the vector to the store (sweep) the moment the run finishes. Training logic lives only in `tpv.train`.
+`train_trial` skips each (backbone, task, seed) pair already in the output store, resumes each run from its own
+state in `tune.get_checkpoint()`, reports metrics with a `tune.Checkpoint` at every step where runs were evaluated,
+and as each run finishes evaluates it on the test split (transfer) and/or writes its vector to the store (sweep),
+the moment it finishes. Training logic lives only in `tpv.train` / `tpv.packed`.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import tempfile
 import time
 from collections.abc import Callable
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from tpv.backbone import Backbone, backbone_id_for
 from tpv.train import TrainConfig
+from tpv.vectors import TaskPromptVector
 from tune_jobs.runtime import load_backbone, set_threads
+
+if TYPE_CHECKING:
+    from tpv.train import TrainCheckpoint
 
 
 class TrialSpec(BaseModel):
@@ -62,14 +69,16 @@ def numeric(metrics: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-def _test_metrics(backbone: Backbone, prompt, task_name: str, limit: int | None) -> dict[str, float]:
-    from tpv.evaluate import evaluate
+def _test_metrics(backbone: Backbone, prompts: list, task_names: list[str],
+                  limits: list[int | None]) -> list[dict[str, float]]:
+    """Each prompt's metrics on its task's test split, many prompts per forward pass."""
+    from tpv.evaluate import evaluate_many
     from tpv.tasks import get_task, load_split
 
-    task = get_task(task_name)
-    examples = load_split(task_name, "test", limit=limit, seed=0)
-    metrics = evaluate(backbone, prompt, task, examples)
-    return {f"test_{k}": v for k, v in metrics.items()} | {"test_metric": metrics[task.metric]}
+    tasks = [get_task(name) for name in task_names]
+    examples = [load_split(name, "test", limit=limit, seed=0) for name, limit in zip(task_names, limits)]
+    found = evaluate_many(backbone, prompts, tasks, examples)
+    return [{f"test_{k}": v for k, v in m.items()} | {"test_metric": m[t.metric]} for m, t in zip(found, tasks)]
 
 
 def planned_steps(config: TrainConfig) -> int:
@@ -79,76 +88,138 @@ def planned_steps(config: TrainConfig) -> int:
     return config.max_steps or total_steps(config, len(training_examples(config)))
 
 
-def train_trial(config: dict[str, Any], after_checkpoint: Callable[[TrialSpec, int], None] | None = None) -> None:
-    """The Ray Tune function trainable of every job: `config = {"spec": TrialSpec as a dict}`.
+def trial_specs(config: dict[str, Any]) -> list[TrialSpec]:
+    """The runs of a trial: `{"spec": TrialSpec}` is one run, `{"pack": [TrialSpec, ...]}` a pack of runs."""
+    return [TrialSpec.model_validate(s) for s in config["pack"]] if "pack" in config else \
+        [TrialSpec.model_validate(config["spec"])]
 
-    `after_checkpoint(spec, step)` runs once each checkpoint is reported (a wrapper's place to watch or, in the
-    fault-tolerance tests, to kill the worker)."""
+
+def save_pack(folder: str, states: dict[int, TrainCheckpoint], finals: dict[int, dict[str, Any]]) -> None:
+    """A trial's checkpoint: each run's TrainCheckpoint in `<index>/`, and the final metrics of the runs that
+    finished (their vectors are already in the store) in `finished.json`."""
+    for index, state in states.items():
+        state.save(Path(folder) / str(index))
+    (Path(folder) / "finished.json").write_text(json.dumps({str(i): m for i, m in finals.items()}))
+
+
+def load_pack(folder: str) -> tuple[dict[int, TrainCheckpoint], dict[int, dict[str, Any]]]:
+    from tpv.train import TrainCheckpoint
+
+    root = Path(folder)
+    states = {int(p.name): TrainCheckpoint.load(p) for p in root.iterdir() if p.is_dir() and p.name.isdigit()}
+    finals = {int(i): m for i, m in json.loads((root / "finished.json").read_text()).items()}
+    return states, finals
+
+
+def train_trial(config: dict[str, Any], after_checkpoint: Callable[[TrialSpec, int], None] | None = None) -> None:
+    """The Ray Tune function trainable of every training job: one run (`{"spec": ...}`) or a pack of runs
+    (`{"pack": [...]}`, `tpv.packed.train_pack`: the model loaded once, one forward and backward per step).
+
+    Every run is skipped when already stored, resumes from its own state in the trial's checkpoint, and writes its
+    vector the moment it finishes. A checkpoint is reported at every step where runs were evaluated.
+    `after_checkpoint(spec, step)` runs once per evaluated run after its checkpoint is reported (a wrapper's place
+    to watch or, in the fault-tolerance tests, to kill the worker)."""
     from ray import tune
 
+    from tpv.packed import train_pack
     from tpv.prompt import make_origin
     from tpv.store import VectorStore
     from tpv.tasks import get_task
-    from tpv.train import TrainCheckpoint, initial_prompt, prompt_length_for, train
-    from tpv.vectors import TaskPromptVector
+    from tpv.train import initial_prompt, prompt_length_for
 
-    spec = TrialSpec.model_validate(config["spec"])
-    set_threads(spec.cpus)
-    cfg = spec.train
-    metric_name = get_task(cfg.task).metric
-    bb_id = backbone_id_for(cfg.backbone.model)
-    out = VectorStore(spec.output_store) if spec.output_store else None
-    if out is not None and spec.skip_if_stored:
-        existing = stored_pairs(out, bb_id, cfg.task, cfg.seed, cfg.prompt_length, spec.source_tag)
-        if existing:
-            tune.report({"done": 1.0, "skipped": 1.0, "vector_id": existing[0].vector_id,
-                         "val_metric": float(existing[0].metrics.get(metric_name, math.nan))})
-            return
+    specs = trial_specs(config)
+    packed = "pack" in config
+    set_threads(specs[0].cpus)
     started = time.perf_counter()
-    backbone = load_backbone(cfg.backbone)
-    source = VectorStore(spec.source_store) if spec.source_store else None
-
-    if spec.eval_only:
-        origin = make_origin(backbone, prompt_length_for(cfg, backbone), cfg.seed)
-        prompt = initial_prompt(cfg, backbone, origin, source)
-        final = {"done": 1.0, "steps": 0.0, "seconds": time.perf_counter() - started}
-        final |= _test_metrics(backbone, prompt, cfg.task, spec.test_examples)
-        tune.report(final)
-        return
-
-    resume = None
+    finals: dict[int, dict[str, Any]] = {}
+    stores = {s.output_store: VectorStore(s.output_store) for s in specs if s.output_store}
+    for i, spec in enumerate(specs):
+        cfg = spec.train
+        if spec.output_store and spec.skip_if_stored:
+            existing = stored_pairs(stores[spec.output_store], backbone_id_for(cfg.backbone.model), cfg.task, cfg.seed,
+                                    cfg.prompt_length, spec.source_tag)
+            if existing:
+                finals[i] = {"done": 1.0, "skipped": 1.0, "vector_id": existing[0].vector_id,
+                             "val_metric": float(existing[0].metrics.get(get_task(cfg.task).metric, math.nan))}
+    states: dict[int, TrainCheckpoint] = {}
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
-            resume = TrainCheckpoint.load(folder)
-    resumed_from = float(resume.step) if resume is not None else 0.0
-    total = float(planned_steps(cfg))
+            states, earlier = load_pack(folder)
+        finals = earlier | finals
+    resumed_from = {i: float(state.step) for i, state in states.items()}
+    todo = [i for i in range(len(specs)) if i not in finals]
+    backbone = load_backbone(specs[todo[0]].train.backbone) if todo else None
 
-    def report(step: int, metrics: dict[str, float], state: TrainCheckpoint) -> None:
-        if out is not None and step in spec.snapshot_steps:
-            tag = snapshot_source(spec.source_tag, step)
-            if not stored_pairs(out, bb_id, cfg.task, cfg.seed, state.prompt.shape[0], tag):  # once, even on retry
-                origin = make_origin(backbone, state.prompt.shape[0], cfg.seed)
-                out.put(TaskPromptVector.from_prompts(
-                    state.prompt, origin, task=cfg.task, backbone_id=bb_id, origin_seed=cfg.seed, source=tag,
-                    train_config=cfg.model_dump(mode="json"), metrics={**numeric(metrics), "step": float(step)}))
+    zero_shot = [i for i in todo if specs[i].eval_only]
+    if zero_shot:  # evaluate the initial prompts, train nothing
+        prompts = []
+        for i in zero_shot:
+            cfg, spec = specs[i].train, specs[i]
+            origin = make_origin(backbone, prompt_length_for(cfg, backbone), cfg.seed)
+            source = VectorStore(spec.source_store) if spec.source_store else None
+            prompts.append(initial_prompt(cfg, backbone, origin, source))
+        tested = _test_metrics(backbone, prompts, [specs[i].train.task for i in zero_shot],
+                               [specs[i].test_examples for i in zero_shot])
+        for i, metrics in zip(zero_shot, tested):
+            finals[i] = {"done": 1.0, "steps": 0.0, "seconds": time.perf_counter() - started, **metrics}
+
+    training = [i for i in todo if not specs[i].eval_only]
+    totals = {i: float(planned_steps(specs[i].train)) for i in training}
+
+    def finish(k: int, result) -> None:
+        """A run ended: its final metrics, its test metrics, its vector in the store, now."""
+        i, spec = training[k], specs[training[k]]
+        cfg = spec.train
+        final = {"done": 1.0, "steps": float(result.steps), "seconds": time.perf_counter() - started,
+                 "resumed_from": resumed_from.get(i, 0.0), "total_steps": totals[i],
+                 "val_metric": float(result.metrics.get(get_task(cfg.task).metric, math.nan)),
+                 **{f"val_{name}": v for name, v in numeric(result.metrics).items()}}
+        if spec.test_split:
+            final |= _test_metrics(backbone, [result.tuned], [cfg.task], [spec.test_examples])[0]
+        if spec.output_store:
+            out = stores[spec.output_store]
+            final["vector_id"] = out.put(result.vector(backbone.backbone_id, source=spec.source_tag))
+            out.put_origin(backbone.backbone_id, result.origin.shape[0], cfg.seed, result.origin,
+                           embedded_dtype=backbone.dtype)
+        finals[i] = final
+
+    def report(evaluations) -> None:
+        """Snapshots at chosen steps, then one Tune report with the pack's checkpoint."""
+        shown = {}
+        for e in evaluations:
+            i = training[e.index]
+            spec, cfg = specs[i], specs[i].train
+            states[i] = e.state
+            out = stores.get(spec.output_store)
+            if out is not None and e.step in spec.snapshot_steps:
+                tag = snapshot_source(spec.source_tag, e.step)
+                bb_id, length = backbone.backbone_id, e.state.prompt.shape[0]
+                if not stored_pairs(out, bb_id, cfg.task, cfg.seed, length, tag):  # once, even on retry
+                    out.put(TaskPromptVector.from_prompts(
+                        e.state.prompt, make_origin(backbone, length, cfg.seed), task=cfg.task, backbone_id=bb_id,
+                        origin_seed=cfg.seed, source=tag, train_config=cfg.model_dump(mode="json"),
+                        metrics={**numeric(e.metrics), "step": float(e.step)}))
+            shown[spec.label] = {**numeric(e.metrics), "total_steps": totals[i],
+                                 "resumed_from": resumed_from.get(i, 0.0)}
         with tempfile.TemporaryDirectory(prefix="tpv-ckpt-") as folder:
-            state.save(folder)
-            tune.report({**numeric(metrics), "total_steps": total, "resumed_from": resumed_from},
-                        checkpoint=tune.Checkpoint.from_directory(folder))
+            save_pack(folder, states, finals)
+            metrics = {"evals": shown, "step": float(max(e.step for e in evaluations))} if packed else \
+                next(iter(shown.values()))
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
         if after_checkpoint is not None:
-            after_checkpoint(spec, step)
+            for e in evaluations:
+                after_checkpoint(specs[training[e.index]], e.step)
 
-    result = train(cfg, backbone=backbone, store=source, callback=report, resume=resume)
-    final = {"done": 1.0, "steps": float(result.steps), "seconds": time.perf_counter() - started,
-             "resumed_from": resumed_from, "total_steps": total,
-             "val_metric": float(result.metrics.get(metric_name, math.nan)),
-             **{f"val_{k}": v for k, v in numeric(result.metrics).items()}}
-    if spec.test_split:
-        final |= _test_metrics(backbone, result.tuned, cfg.task, spec.test_examples)
-    if out is not None:
-        vector = result.vector(backbone.backbone_id, source=spec.source_tag)
-        final["vector_id"] = out.put(vector)
-        out.put_origin(backbone.backbone_id, result.origin.shape[0], cfg.seed, result.origin,
-                       embedded_dtype=backbone.dtype)
-    tune.report(final)
+    if training:
+        sources = {s.source_store: VectorStore(s.source_store) for s in specs if s.source_store}
+        source_store = next(iter(sources.values()), None)
+        if len(sources) > 1:
+            raise ValueError("the runs of a pack read source vectors from one store")
+        train_pack([specs[i].train for i in training], backbone, source_store, on_eval=report, on_finish=finish,
+                   resume=[states.get(i) for i in training])
+    if packed:
+        tune.report({"done": 1.0, "seconds": time.perf_counter() - started,
+                     "members": {specs[i].label: finals[i] for i in range(len(specs))}})
+    else:
+        tune.report(finals[0])
