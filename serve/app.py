@@ -17,15 +17,14 @@ import math
 import time
 from typing import Any
 
-from fastapi import Depends, FastAPI, Query, Security
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi import Depends, FastAPI, Query
 from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
 
-from serve import auth, errors, guards
-from serve.auth import Principal
+from serve import auth, errors, guards, openai_api
+from serve.auth import Principal, principal
 from serve.cli import main  # noqa: F401 - `tpv serve` runs serve.app:main
 from serve.inputs import pick_template, render
 from serve.jobs import GenerateJob, ScoreJob
@@ -45,6 +44,7 @@ from serve.schemas import (
 )
 from serve.settings import IngressSettings
 from tpv.errors import InvalidInput
+from tpv.generate import SamplingParams
 from tpv.names import Name
 from tpv.tasks import TaskSpec, get_task
 from tpv.tasks.registry import UnknownTaskError
@@ -66,8 +66,9 @@ api = FastAPI(
 )
 errors.install(api)
 api.add_middleware(guards.BodyGuard)
-api.add_middleware(guards.KeyGuard)  # added last: runs first, so no body is read without a key
-_bearer = HTTPBearer(auto_error=False, description="an API key, when the server has keys configured")
+api.add_middleware(guards.KeyGuard)  # added after BodyGuard: runs first, so no body is read without a key
+api.add_middleware(openai_api.OpenAIErrors)  # re-shapes the errors of the OpenAI routes, the guards' included
+api.include_router(openai_api.router)  # /v1/models, /v1/completions, /v1/chat/completions (TPVIngress inherits them)
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse, "description": text}
     for code, text in ((400, "malformed JSON"), (401, "missing or wrong API key"), (403, "outside the key's scope"),
@@ -76,11 +77,6 @@ ERRORS: dict[int | str, dict[str, Any]] = {
                        (500, "server-side fault (e.g. a corrupt store entry this request names)"),
                        (503, "no model replica available"), (504, "the model did not answer in time"))
 }
-
-
-def principal(credentials: HTTPAuthorizationCredentials | None = Security(_bearer)) -> Principal:
-    """The caller's key (401 without a valid one, when keys are configured)."""
-    return auth.KEYRING.check(credentials.credentials if credentials is not None else None)
 
 
 def _task(name: str | None) -> TaskSpec | None:
@@ -92,17 +88,12 @@ def _task(name: str | None) -> TaskSpec | None:
         raise UnknownTaskError(f"unknown task {name!r}") from None
 
 
-def _scope(req: ClassifyRequest | GenerateRequest) -> tuple[set[str], set[str], bool]:
-    """(tasks, stored compositions, any vector_id term) a request names."""
-    tasks = {req.task} if req.task is not None else set()
-    if isinstance(req.composition, str):
-        return tasks, {req.composition}, False
-    tasks |= {t.task for t in req.composition.terms if t.task is not None}
-    return tasks, set(), any(t.vector_id is not None for t in req.composition.terms)
-
-
 async def _awaited(response):
     return await response
+
+
+async def _first(stream):
+    return await anext(stream), stream
 
 
 def _results(labels: list[str], rows: list[list[float]]) -> list[ClassifyResult]:
@@ -125,7 +116,7 @@ def _results(labels: list[str], rows: list[list[float]]) -> list[ClassifyResult]
     user_config=IngressSettings().model_dump(mode="json"),
 )
 @serve.ingress(api)
-class TPVIngress:
+class TPVIngress(openai_api.OpenAIRoutes):
     """HTTP in front of the model deployment; holds no model, so it stays up when a model replica dies."""
 
     def __init__(self, model: DeploymentHandle) -> None:
@@ -138,15 +129,18 @@ class TPVIngress:
         guards.configure(self.settings.limits.max_body_bytes, self.settings.body_read_timeout_s)
         auth.configure(self.settings.auth)
 
-    async def _call(self, method: str, *args, timeout_s: float | None = None):
-        """The model deployment's `method`, re-sent (with backoff) while replicas are lost, within one deadline."""
+    async def _call(self, method: str, *args, timeout_s: float | None = None, stream: bool = False):
+        """The model deployment's `method`, re-sent (with backoff) while replicas are lost, within one deadline.
+        `stream`: a generator method; returns (its first item, the rest) once the first item came (until then a
+        lost replica is retried like any call)."""
         s = self.settings
         budget = timeout_s if timeout_s is not None else s.request_timeout_s
         deadline = time.monotonic() + budget
         for attempt in range(s.model_retries + 1):
-            response = getattr(self.model, method).remote(*args)
+            response = getattr(self.model.options(stream=True) if stream else self.model, method).remote(*args)
             try:
-                return await asyncio.wait_for(_awaited(response), max(deadline - time.monotonic(), 0.001))
+                first = _first(response) if stream else _awaited(response)
+                return await asyncio.wait_for(first, max(deadline - time.monotonic(), 0.001))
             except asyncio.TimeoutError:
                 response.cancel()
                 raise errors.RequestTimeout(f"the model did not answer within {budget:g} s") from None
@@ -167,7 +161,7 @@ class TPVIngress:
     async def classify(self, req: ClassifyRequest, who: Principal = Depends(principal)) -> ClassifyResponse:
         """Label each input under the composed prompt: per-label probabilities and log-likelihoods."""
         limits = self.settings.limits
-        who.allow(*_scope(req))
+        who.allow_composition(req.composition, req.task)
         check_request(req, limits)
         task = _task(req.task)
         if req.labels is not None:
@@ -186,14 +180,15 @@ class TPVIngress:
     async def generate(self, req: GenerateRequest, who: Principal = Depends(principal)) -> GenerateResponse:
         """Greedy generation (at most `max_new_tokens`) after the composed prompt."""
         limits = self.settings.limits
-        who.allow(*_scope(req))
+        who.allow_composition(req.composition, req.task)
         check_request(req, limits)
         task = _task(req.task)
         max_new = req.max_new_tokens if req.max_new_tokens is not None else min(16, limits.max_new_tokens)
         sources = render(req.inputs, pick_template(req.template, task, req.inputs), task, limits.max_input_chars)
-        result = await self._call("generate", GenerateJob(req.composition, sources, max_new))
+        job = GenerateJob(req.composition, sources, SamplingParams(max_new_tokens=max_new))
+        result = await self._call("generate", job)
         return GenerateResponse(backbone_id=result.composition["backbone_id"], composition=result.composition,
-                                results=[GenerateResult(text=t) for t in result.texts])
+                                results=[GenerateResult(text=c.text.strip()) for c in result.completions])
 
     @api.get("/v1/vectors", response_model=VectorsResponse, responses=ERRORS)
     async def vectors(self, task: Name | None = Query(None, description="only this task's vectors"),

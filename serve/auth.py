@@ -12,6 +12,8 @@ import hmac
 import os
 from dataclasses import dataclass
 
+from fastapi import Security
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 
 from tpv.errors import TpvError
@@ -76,6 +78,15 @@ class Principal:
             if outside:
                 raise Forbidden(f"this API key may not use composition(s) {outside}")
 
+    def allow_composition(self, composition, task: str | None = None) -> None:
+        """`allow` for what a request names: its composition (a stored name, or inline terms) and its task."""
+        tasks = {task} if task is not None else set()
+        if isinstance(composition, str):
+            self.allow(tasks, {composition}, False)
+            return
+        tasks |= {t.task for t in composition.terms if t.task is not None}
+        self.allow(tasks, set(), any(t.vector_id is not None for t in composition.terms))
+
     def visible(self, task: str) -> bool:
         return self.key is None or self.key.tasks is None or task in self.key.tasks
 
@@ -111,3 +122,11 @@ KEYRING = Keyring([])
 
 def configure(settings: AuthSettings) -> None:
     KEYRING.keys = settings.resolved()
+
+
+_bearer = HTTPBearer(auto_error=False, description="an API key, when the server has keys configured")
+
+
+def principal(credentials: HTTPAuthorizationCredentials | None = Security(_bearer)) -> Principal:
+    """The routes' dependency: the caller's key (401 without a valid one, when keys are configured)."""
+    return KEYRING.check(credentials.credentials if credentials is not None else None)

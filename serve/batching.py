@@ -13,7 +13,9 @@ Plain Python (no Ray import) so it is tested directly; `serve.app` wraps it in `
   length, rows of different compositions stacked with a per-row prefix (causal) or a per-row prompt tensor
   (seq2seq). Different label sets share that forward when every label is one token (causal: all scores come from
   the last position); otherwise each label set is its own group (one forward each).
-- `generate_batch`: the same for greedy generation (one `backbone.generate` per prompt length x token bound).
+- `generate_batch`: many generation requests -> ONE decoding loop (`tpv.generate.decode`), every row started from
+  its composition's cached keys/values whatever its prompt length, each row with its own sampling params; yields
+  each request's new text per step (streaming) and rows leave as they finish.
 - `PromptServer`: the above wired to one backbone and one store (what a replica holds).
 """
 
@@ -22,14 +24,15 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor
 
 from tpv.backbone import Backbone, PromptPrefix
 from tpv.compose import Composer, CompositionSpec
+from tpv.generate import Delta, SamplingParams, decode
 from tpv.prompt import make_origin
 from tpv.store import VectorStore
 from tpv.vectors import VectorMeta
@@ -172,9 +175,11 @@ class ScoreItem:
 
 @dataclass
 class GenerateItem:
+    """One request's rows: row r continues sources[r] under the request's composition, following params[r]."""
+
     entry: PromptEntry
     sources: list[str]
-    max_new_tokens: int
+    params: list[SamplingParams]
 
     @property
     def rows(self) -> int:
@@ -265,25 +270,29 @@ def score_batch(backbone: Backbone, items: Sequence[ScoreItem]) -> tuple[list[Te
     return results, report  # type: ignore[return-value]
 
 
-def generate_batch(backbone: Backbone, items: Sequence[GenerateItem]) -> tuple[list[list[str]], BatchReport]:
-    """Greedy continuations for every request, in order; one `generate` per (prompt length, token bound) group,
-    rows of different compositions each with their own prompt."""
+def generate_batch(backbone: Backbone, items: Sequence[GenerateItem], report: BatchReport
+                   ) -> Iterator[list[list[Delta] | None]]:
+    """Decode every request's rows in one loop; after each step yield, per request, its rows' deltas (rows numbered
+    within the request), or None once all its rows are done. `report` is filled in as the loop runs."""
     start = time.perf_counter()
-    results: list[list[str] | None] = [None] * len(items)
-    report = BatchReport(requests=len(items), rows=sum(i.rows for i in items))
+    report.requests, report.rows = len(items), sum(i.rows for i in items)
     report.compositions = len({id(i.entry) for i in items})
-    for (_length, max_new), members in _groups(items, lambda it: (it.entry.prompt_length, it.max_new_tokens)).items():
-        prompts = torch.stack([items[i].entry.prompt for i in members for _ in items[i].sources])
-        sources = [s for i in members for s in items[i].sources]
-        texts = backbone.generate(prompts, sources, max_new_tokens=max_new)
+    owner = [(k, r) for k, item in enumerate(items) for r in range(item.rows)]
+    prompts = [item.entry.prefix if item.entry.prefix is not None else item.entry.prompt
+               for item in items for _ in item.sources]
+    decoding = backbone.start_decoding(prompts, [s for item in items for s in item.sources])
+    left = [item.rows for item in items]
+    report.groups.append({"rows": report.rows, "compositions": report.compositions,
+                          "prompt_lengths": sorted({i.entry.prompt_length for i in items})})
+    for news in decode(backbone, decoding, [p for item in items for p in item.params]):
+        out: list[list[Delta] | None] = [[] if n else None for n in left]
+        for d in news:
+            k, r = owner[d.row]
+            out[k].append(replace(d, row=r))  # type: ignore[union-attr]
+            left[k] -= d.finish_reason is not None
         report.forwards += 1
-        report.groups.append({"max_new_tokens": max_new, "requests": len(members), "rows": len(sources)})
-        offset = 0
-        for i in members:
-            results[i] = texts[offset : offset + items[i].rows]
-            offset += items[i].rows
-    report.seconds = time.perf_counter() - start
-    return results, report  # type: ignore[return-value]
+        report.seconds = time.perf_counter() - start
+        yield out
 
 
 # ---- a replica's state ------------------------------------------------------------------------------------------

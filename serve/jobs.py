@@ -1,14 +1,16 @@
 """What the ingress hands the model deployment: rendered inputs and a composition, nothing HTTP-specific.
 
-Scoring and generation are pure functions of a job and the store version, so a job is safe to re-send to another
-replica when the one running it dies.
+Scoring and generation change nothing on the server (a job is a function of itself and the store version, sampled
+tokens aside), so a job is safe to re-send to another replica when the one running it dies.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from serve.auth import Principal
 from serve.schemas import InlineComposition
+from tpv.generate import Completion, SamplingParams
 
 
 @dataclass(frozen=True)
@@ -19,10 +21,21 @@ class ScoreJob:
 
 
 @dataclass(frozen=True)
+class ModelName:
+    """An OpenAI `model` id: a stored composition's name, else a task's (its task vectors). Resolved by the model
+    replica, which has the store; the caller's key scope applies to what the name turns out to be."""
+
+    name: str
+    caller: Principal
+
+
+@dataclass(frozen=True)
 class GenerateJob:
-    composition: InlineComposition | str
-    sources: list[str]
-    max_new_tokens: int
+    composition: InlineComposition | str | ModelName
+    sources: list[str]  # the texts the model reads, or [] when `conversations` are given
+    params: SamplingParams
+    n: int = 1  # choices per source: rows source_0 x n, source_1 x n, ... (the OpenAI API's choice order)
+    conversations: list[list[dict[str, str]]] = field(default_factory=list)  # [{role, content}]: the chat template
 
 
 @dataclass(frozen=True)
@@ -32,6 +45,14 @@ class ScoreResult:
 
 
 @dataclass(frozen=True)
+class GenerationHead:
+    """A generation stream's first item: what is served, how many tokens each source has (usage counts)."""
+
+    composition: dict
+    prompt_tokens: list[int]
+
+
+@dataclass(frozen=True)
 class GenerateResult:
     composition: dict
-    texts: list[str]
+    completions: list[Completion]  # one per row (source x choice)

@@ -10,6 +10,7 @@ requests and answers `info()` (the health check) at once.
 # no `from __future__ import annotations`: Serve inspects the deployment's signatures
 import asyncio
 import copy
+import dataclasses
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -18,14 +19,15 @@ from typing import Any
 import torch
 from ray import serve
 
-from serve.batching import GenerateItem, PromptEntry, PromptServer, ScoreItem, generate_batch, score_batch
+from serve.batching import BatchReport, GenerateItem, PromptEntry, PromptServer, ScoreItem, generate_batch, score_batch
 from serve.limits import LimitExceeded
-from serve.jobs import GenerateJob, GenerateResult, ScoreJob, ScoreResult
+from serve.jobs import GenerateJob, GenerateResult, GenerationHead, ModelName, ScoreJob, ScoreResult
 from serve.schemas import InlineComposition
 from serve.settings import ModelSettings
 from tpv.backbone import Backbone, BackboneConfig
 from tpv.compose import CompositionBody, CompositionSpec, prompt_length_of
 from tpv.errors import InvalidInput, NotFoundError, Unavailable
+from tpv.generate import Transcript
 from tpv.paths import default_store
 from tpv.store import NotFound, VectorStore
 from tpv.vectors import VectorMeta
@@ -110,9 +112,11 @@ class TPVModel:
 
     # ---- job -> spec and entry (worker thread) -------------------------------------------------------------------
 
-    def _spec(self, ref: InlineComposition | str) -> CompositionSpec:
+    def _spec(self, ref: InlineComposition | str | ModelName) -> CompositionSpec:
         server, settings = self._ready()
         bb = server.backbone.backbone_id
+        if isinstance(ref, ModelName):
+            ref = self._model_name(ref)
         if isinstance(ref, str):
             try:
                 return server.named(ref)
@@ -127,7 +131,8 @@ class TPVModel:
             raise LimitExceeded(f"prompt_length {length} is over the limit {settings.max_prompt_length}")
         return body.applied(bb, ref.origin_seed, length)
 
-    def _check_tokens(self, sources: list[str]) -> None:
+    def _check_tokens(self, sources: list[str]) -> list[int]:
+        """Each source's token count (LimitExceeded over `max_input_tokens`)."""
         server, settings = self._ready()
         tok = server.backbone.tokenizer
         lengths = [len(ids) for ids in tok(sources, add_special_tokens=server.backbone.is_seq2seq)["input_ids"]]
@@ -135,6 +140,7 @@ class TPVModel:
             if n > settings.max_input_tokens:
                 raise LimitExceeded(f"inputs[{i}] is {n} tokens with the template; the limit is "
                                     f"{settings.max_input_tokens}")
+        return lengths
 
     def _prepare(self, ref: InlineComposition | str, sources: list[str]) -> tuple[CompositionSpec, PromptEntry]:
         spec = self._spec(ref)
@@ -145,6 +151,60 @@ class TPVModel:
     def _chunks(self, item_type, entry: PromptEntry, sources: list[str], *extra) -> list:
         size = self._ready()[1].max_batch_size
         return [item_type(entry, sources[i : i + size], *extra) for i in range(0, len(sources), size)]
+
+    # ---- generation: model names, chat templates, rows (worker thread) ----------------------------------------------
+
+    def _model_name(self, ref: ModelName) -> InlineComposition | str:
+        """A stored composition of that name, else the task's vectors; the caller's key must allow what it is."""
+        server, _ = self._ready()
+        try:
+            server.named(ref.name)
+        except NotFoundError:
+            ref.caller.allow({ref.name}, set(), False)
+            if not any(m.task == ref.name and m.kind == "task" for m in server.metas()):
+                raise NotFound(f"the model {ref.name!r} does not exist: it is neither a stored composition nor a task "
+                               f"with vectors for backbone {server.backbone.backbone_id!r} (see /v1/models)") from None
+            return InlineComposition(terms=[{"task": ref.name}])
+        ref.caller.allow(set(), {ref.name}, False)
+        return ref.name
+
+    def _chat_texts(self, conversations: list[list[dict[str, str]]]) -> list[str]:
+        """Each conversation through the backbone's own chat template, ready for the assistant's turn."""
+        from jinja2 import TemplateError
+
+        backbone = self._ready()[0].backbone
+        tok = backbone.tokenizer
+        if not getattr(tok, "chat_template", None):
+            raise InvalidInput(f"the served backbone {backbone.backbone_id!r} has no chat template: use "
+                               f"/v1/completions")
+        texts = []
+        for i, conversation in enumerate(conversations):
+            try:
+                text = tok.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+            except TemplateError as exc:
+                raise InvalidInput(f"messages of conversation {i} do not fit the backbone's chat template: "
+                                   f"{exc}") from None
+            if backbone.bos_ids and tok.bos_token and text.startswith(tok.bos_token):
+                text = text[len(tok.bos_token) :]  # the backbone puts BOS after the soft prompt itself
+            texts.append(text)
+        return texts
+
+    def _prepare_generation(self, job: GenerateJob) -> tuple[CompositionSpec, list[GenerateItem], list[int]]:
+        """The job's spec, its rows (each source n times, seeds spread over the choices) in chunks of at most
+        `max_batch_size` rows, and each source's token count."""
+        spec = self._spec(job.composition)
+        sources = self._chat_texts(job.conversations) if job.conversations else job.sources
+        prompt_tokens = self._check_tokens(sources)
+        server, settings = self._ready()
+        entry = server.entry(spec)
+        seed = job.params.seed
+        params = [job.params if seed is None else job.params.model_copy(update={"seed": seed + k})
+                  for k in range(job.n)]
+        rows = [(s, p) for s in sources for p in params]
+        size = settings.max_batch_size
+        items = [GenerateItem(entry, [s for s, _ in rows[i : i + size]], [p for _, p in rows[i : i + size]])
+                 for i in range(0, len(rows), size)]
+        return spec, items, prompt_tokens
 
     # ---- batches ------------------------------------------------------------------------------------------------
 
@@ -187,8 +247,17 @@ class TPVModel:
         return await self._isolated(score_batch, items)
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01, batch_size_fn=_rows)
-    async def _generate_batch(self, items: list[GenerateItem]) -> list:
-        return await self._isolated(generate_batch, items)
+    async def _generate_batch(self, items: list[GenerateItem]):
+        """One decoding loop for the whole batch; per step, each request's deltas (StopIteration once it is done)."""
+        server, _ = self._ready()
+        report = BatchReport()
+        steps = generate_batch(server.backbone, items, report)
+        try:
+            while (out := await self._run(next, steps, None)) is not None:
+                yield [StopIteration if news is None else news for news in out]
+        except Exception as exc:  # noqa: BLE001 - every request still running gets it (and maps it by type)
+            yield [exc] * len(items)
+        self._record(report)
 
     @staticmethod
     async def _gather(batch_fn, items: list) -> list:
@@ -207,12 +276,49 @@ class TPVModel:
         scores = torch.cat(parts)
         return ScoreResult(composition=spec.model_dump(mode="json"), log_likelihoods=scores.tolist())
 
+    async def generate_stream(self, job: GenerateJob):
+        """Streamed generation (`handle.options(stream=True)`): a GenerationHead, then per decoding step a list of
+        `tpv.generate.Delta`s numbered by row (source i, choice k = row i * n + k). Errors before the head are the
+        request's (bad names, limits); rows of the job beyond `max_batch_size` run as further batch items."""
+        spec, items, prompt_tokens = await self._run(self._prepare_generation, job)
+        yield GenerationHead(composition=spec.model_dump(mode="json"), prompt_tokens=prompt_tokens)
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(offset: int, item: GenerateItem) -> None:
+            try:
+                async for news in self._generate_batch(item):
+                    await queue.put(news if isinstance(news, Exception) else
+                                    [dataclasses.replace(d, row=d.row + offset) for d in news])
+            except Exception as exc:  # noqa: BLE001 - handed to the consumer below
+                await queue.put(exc)
+            finally:
+                await queue.put(None)
+
+        offsets = [sum(it.rows for it in items[:i]) for i in range(len(items))]
+        pumps = [asyncio.create_task(pump(o, it)) for o, it in zip(offsets, items)]
+        try:
+            running = len(pumps)
+            while running:
+                news = await queue.get()
+                if news is None:
+                    running -= 1
+                elif isinstance(news, Exception):
+                    raise news
+                else:
+                    yield news
+        finally:
+            for task in pumps:
+                task.cancel()
+
     async def generate(self, job: GenerateJob) -> GenerateResult:
-        """Greedy continuations of every source after the job's composed prompt."""
-        spec, entry = await self._run(self._prepare, job.composition, job.sources)
-        parts = await self._gather(self._generate_batch,
-                                   self._chunks(GenerateItem, entry, job.sources, job.max_new_tokens))
-        return GenerateResult(composition=spec.model_dump(mode="json"), texts=[t for p in parts for t in p])
+        """`generate_stream` collected: every row's whole completion."""
+        stream = self.generate_stream(job)
+        head = await anext(stream)
+        transcript = Transcript(len(head.prompt_tokens) * job.n)
+        async for news in stream:
+            transcript.add(news)
+        return GenerateResult(composition=head.composition, completions=transcript.completions(
+            [n for n in head.prompt_tokens for _ in range(job.n)]))
 
     def _listing(self) -> tuple[str, list[VectorMeta], list[str]]:
         server, _ = self._ready()

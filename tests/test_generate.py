@@ -3,8 +3,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
+from tiny_models import build_tiny_causal
 
 from tpv.backbone import Backbone, BackboneConfig
 from tpv.generate import SamplingParams, complete, decode
@@ -13,9 +16,25 @@ from tpv.prompt import make_origin
 SOURCES = ["the movie was great", "boring and a waste of time, the film was terrible", "what is the capital?", ""]
 
 
+def build_sharp_causal(path: Path) -> Path:
+    """The tiny causal model with its weights (norms aside) x10. At their random init every prompt gives the same
+    repeated token; sharper weights make the output depend on the prompt, so a comparison of texts can fail."""
+    from transformers import AutoModelForCausalLM
+
+    build_tiny_causal(path)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    with torch.no_grad():
+        for name, weight in model.named_parameters():
+            if "norm" not in name:
+                weight.mul_(10)
+    model.save_pretrained(path)
+    return path
+
+
 @pytest.fixture(scope="module")
-def causal(tiny_causal_path) -> Backbone:
-    return Backbone.load(BackboneConfig(model=str(tiny_causal_path), dtype="float32"))
+def causal(tmp_path_factory) -> Backbone:
+    path = build_sharp_causal(tmp_path_factory.mktemp("models") / "sharp-llama")
+    return Backbone.load(BackboneConfig(model=str(path), dtype="float32"))
 
 
 @pytest.fixture(scope="module")
@@ -37,11 +56,12 @@ def reference_tokens(bb: Backbone, prompt: torch.Tensor, source: str, max_new: i
 def test_greedy_from_cached_prefixes_equals_uncached_reference_mixed_lengths(causal):
     """Rows of four compositions with three prompt lengths and sources of different lengths (one empty) share one
     loop, each started from its own 1-row cached prefix; every row's tokens equal the uncached reference."""
-    prompts = [make_origin(causal, 4, 0), make_origin(causal, 7, 1), make_origin(causal, 4, 2), make_origin(causal, 9, 3)]
+    prompts = [make_origin(causal, n, seed) for seed, n in enumerate((4, 7, 4, 9))]
     prefixes = [causal.prefix(p.unsqueeze(0)) for p in prompts]
     max_new = 12
     params = [SamplingParams(max_new_tokens=max_new)] * len(SOURCES)
     done = complete(causal, causal.start_decoding(prefixes, SOURCES), params)
+    assert len({c.text for c in done}) == len(done)  # the rows' texts differ: the comparison below can fail
     for prompt, source, got in zip(prompts, SOURCES, done):
         ref = reference_tokens(causal, prompt, source, max_new)
         assert got.token_ids == ref
@@ -50,8 +70,9 @@ def test_greedy_from_cached_prefixes_equals_uncached_reference_mixed_lengths(cau
     assert [c.prompt_tokens for c in done] == [len(causal.tokenizer(s)["input_ids"]) for s in SOURCES]
 
 
-def test_seq2seq_greedy_equals_reference(t5):
-    prompts = torch.randn(3, 4, t5.hidden_size, generator=torch.Generator().manual_seed(0)) * 10  # varied outputs
+def test_seq2seq_greedy_equals_reference_mixed_lengths(t5):
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randn(n, t5.hidden_size, generator=g) * 10 for n in (4, 6, 3)]  # * 10: varied outputs
     done = complete(t5, t5.start_decoding(prompts, SOURCES[:3]), [SamplingParams(max_new_tokens=6)] * 3)
     assert len({tuple(c.token_ids) for c in done}) > 1
     for prompt, source, got in zip(prompts, SOURCES, done):

@@ -11,9 +11,19 @@ import time
 import pytest
 import torch
 
-from serve.batching import GenerateItem, PromptCache, PromptEntry, PromptServer, ScoreItem, generate_batch, score_batch
+from serve.batching import (
+    BatchReport,
+    GenerateItem,
+    PromptCache,
+    PromptEntry,
+    PromptServer,
+    ScoreItem,
+    generate_batch,
+    score_batch,
+)
 from tpv.backbone import Backbone, BackboneConfig
 from tpv.compose import Composer, CompositionSpec
+from tpv.generate import SamplingParams, Transcript
 from tpv.prompt import make_origin
 from tpv.store import VectorStore
 from tpv.vectors import TaskPromptVector
@@ -188,17 +198,35 @@ def test_hot_reload_replaced_vector_and_named_composition(causal, tmp_path):
     eager.entry(CompositionSpec(backbone_id=bb, terms=[{"task": "late"}], origin_seed=0, prompt_length=L))
 
 
-def test_generate_batch_mixed_equals_each_alone(causal, tmp_path):
+def test_generate_batch_one_loop_for_mixed_compositions_and_lengths(causal, tmp_path):
+    """Requests of four compositions (two prompt lengths) and different token bounds decode in one loop; a request
+    that is done gets None while the others go on; each equals its rows generated alone."""
     store = _store(tmp_path, causal)
+    g = torch.Generator().manual_seed(5)
+    store.put(TaskPromptVector.create(torch.randn(L + 2, causal.hidden_size, generator=g) * 0.5, task="longer",
+                                      backbone_id=causal.backbone_id, origin_seed=0))
     server = PromptServer(causal, store, reload_interval_s=3600)
     entries = [server.entry(s) for s in _specs(causal)]
-    items = [GenerateItem(entries[0], SOURCES[:2], 4), GenerateItem(entries[1], SOURCES[2:3], 4),
-             GenerateItem(entries[2], SOURCES[3:5], 3)]
-    results, report = generate_batch(causal, items)
-    assert report.forwards == 2 and report.rows == 5
-    for item, got in zip(items, results):
-        assert got == causal.generate(item.entry.prompt.unsqueeze(0).expand(item.rows, -1, -1), item.sources,
-                                      max_new_tokens=item.max_new_tokens)
+    entries.append(server.entry(CompositionSpec(backbone_id=causal.backbone_id, terms=[{"task": "longer"}],
+                                                origin_seed=0, prompt_length=L + 2)))
+
+    def greedy(rows: int, n: int) -> list[SamplingParams]:
+        return [SamplingParams(max_new_tokens=n)] * rows
+
+    items = [GenerateItem(entries[0], SOURCES[:2], greedy(2, 4)), GenerateItem(entries[1], SOURCES[2:3], greedy(1, 2)),
+             GenerateItem(entries[2], SOURCES[3:5], greedy(2, 3)), GenerateItem(entries[3], SOURCES[:1], greedy(1, 4))]
+    report = BatchReport()
+    steps = list(generate_batch(causal, items, report))
+    assert report.forwards == len(steps) <= 4 and report.rows == 6 and report.compositions == 4
+    assert steps[0][1] is not None and all(step[1] is None for step in steps[2:])
+    for k, item in enumerate(items):
+        transcript = Transcript(item.rows)
+        for step in steps:
+            if step[k] is not None:
+                transcript.add(step[k])
+        alone = causal.generate(item.entry.prompt.unsqueeze(0).expand(item.rows, -1, -1), item.sources,
+                                max_new_tokens=item.params[0].max_new_tokens)
+        assert [t.strip() for t in transcript.texts] == alone
 
 
 def test_entries_of_different_prompt_lengths_never_share_a_forward(causal, tmp_path):

@@ -387,16 +387,21 @@ class Backbone:
     def start_decoding(self, prompts: Tensor | PromptPrefix | Sequence[PromptPrefix], sources: list[str]) -> Decoding:
         """A batch ready to decode: every row's prompt and source run once, the next-token log-probabilities ready.
 
-        `prompts`: one prompt or one per row, as a tensor [B|1, L, d], a `PromptPrefix` (causal), or a list of 1-row
-        prefixes, one per row, whose lengths may differ (a mixed serving batch: each composition's cached keys/values
-        are gathered, never recomputed).
+        `prompts`: one prompt or one per row, as a tensor [B|1, L, d], a `PromptPrefix` (causal), or a list with one
+        entry per row whose lengths may differ (a mixed serving batch): 1-row prefixes (causal: each composition's
+        cached keys/values are gathered, never recomputed) or prompts [L, d] (seq2seq).
         """
         if not sources:
             raise BackboneInputError("an empty batch: give at least one source")
         if self.is_seq2seq:
-            if not isinstance(prompts, Tensor):
-                raise BackboneInputError("prompt prefixes apply to causal backbones; seq2seq prompts go through the encoder")
-            return _Seq2SeqDecoding(self, self._as_batch(prompts, len(sources)), self._source_ids(sources))
+            if isinstance(prompts, PromptPrefix) or any(isinstance(p, PromptPrefix) for p in prompts):
+                raise BackboneInputError("prompt prefixes apply to causal backbones; seq2seq prompts go through the "
+                                         "encoder")
+            if isinstance(prompts, Tensor):
+                prompts = list(self._as_batch(prompts, len(sources)))
+            if len(prompts) != len(sources):
+                raise BackboneInputError(f"{len(prompts)} prompts for a batch of {len(sources)} rows")
+            return _Seq2SeqDecoding(self, [self._as_batch(p, 1)[0] for p in prompts], self._source_ids(sources))
         if isinstance(prompts, Tensor):
             prompts = self.prefix(prompts)
         if isinstance(prompts, PromptPrefix):
@@ -489,6 +494,7 @@ class _CausalDecoding(Decoding):
         self.positions = lengths + src_len  # the next token's position, per row
         self.logprobs = bb._logprobs_at(hidden)
 
+    @torch.no_grad()
     def step(self, tokens: Tensor) -> Tensor:
         self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], 1)], dim=1)
         hidden = self.bb._after_cache(self.cache, tokens.to(self.bb.device).unsqueeze(1), self.mask,
@@ -506,20 +512,24 @@ class _CausalDecoding(Decoding):
 class _Seq2SeqDecoding(Decoding):
     """The encoder runs once over [prompt][source]; the decoder steps from its start token with its own cache."""
 
-    def __init__(self, bb: Backbone, prompts: Tensor, source_ids: list[list[int]]):
+    def __init__(self, bb: Backbone, prompts: list[Tensor], source_ids: list[list[int]]):
         from transformers import DynamicCache, EncoderDecoderCache
 
         self.bb = bb
         ids, mask = bb._pad(source_ids)
         rows = ids.shape[0]
-        self.enc_mask = torch.cat([mask.new_ones(rows, prompts.shape[1]), mask], 1)
-        embeds = torch.cat([prompts, bb.embed(ids)], 1)
+        longest = max(p.shape[0] for p in prompts)
+        lengths = torch.tensor([p.shape[0] for p in prompts], device=bb.device)
+        prompt_mask = (torch.arange(longest, device=bb.device).unsqueeze(0) >= (longest - lengths).unsqueeze(1))
+        self.enc_mask = torch.cat([prompt_mask.to(mask.dtype), mask], 1)
+        embeds = torch.cat([torch.stack([_left_pad(p, longest, 0) for p in prompts]), bb.embed(ids)], 1)
         self.encoded = bb.model.get_encoder()(inputs_embeds=embeds, attention_mask=self.enc_mask).last_hidden_state
         self.cache = EncoderDecoderCache(DynamicCache(config=bb.model.config), DynamicCache(config=bb.model.config))
         self.prompt_tokens = [len(s) for s in source_ids]
         start = bb.model.config.decoder_start_token_id
         self.step(torch.full((rows,), start, dtype=torch.long))
 
+    @torch.no_grad()
     def step(self, tokens: Tensor) -> Tensor:
         out = self.bb.model(encoder_outputs=(self.encoded,), attention_mask=self.enc_mask,
                             decoder_input_ids=tokens.to(self.bb.device).unsqueeze(1), past_key_values=self.cache,

@@ -110,52 +110,64 @@ def decode(backbone: Backbone, decoding: Decoding, params: Sequence[SamplingPara
     rows = [_Row(p) for p in params]
     running = list(range(len(rows)))  # batch rows still decoding, in the decoding's current row order
     logprobs = decoding.logprobs
-    with torch.inference_mode():
-        while running:
-            picked = [rows[i].pick(logprobs[j]) for j, i in enumerate(running)]
-            news, still = [], []
-            for j, (i, token) in enumerate(zip(running, picked)):
-                row = rows[i]
-                finish: FinishReason | None = None
-                if token in eos:
-                    finish, token = "stop", None
-                else:
-                    row.tokens.append(token)
-                text = tokenizer.decode(row.tokens, skip_special_tokens=True)
-                cut = min((k for k in (text.find(s) for s in row.params.stop) if k >= 0), default=-1)
-                if cut >= 0:
-                    text, finish = text[:cut], "stop"
-                elif finish is None and len(row.tokens) >= row.params.max_new_tokens:
-                    finish = "length"
-                end = len(text) if finish else len(text) - _held_back(text, row.params.stop)
-                news.append(Delta(i, token, text[row.sent : max(end, row.sent)], finish))
-                row.sent = max(end, row.sent)
-                if finish is None:
-                    still.append(j)
-            yield news
-            if not still:
-                return
-            if len(still) < len(running):
-                keep = torch.tensor(still)
-                decoding.keep(keep)
-                running = [running[j] for j in still]
-                picked = [picked[j] for j in still]
-            logprobs = decoding.step(torch.tensor(picked))
+    while running:
+        picked = [rows[i].pick(logprobs[j]) for j, i in enumerate(running)]
+        news, still = [], []
+        for j, (i, token) in enumerate(zip(running, picked)):
+            row = rows[i]
+            finish: FinishReason | None = None
+            if token in eos:
+                finish, token = "stop", None
+            else:
+                row.tokens.append(token)
+            text = tokenizer.decode(row.tokens, skip_special_tokens=True)
+            cut = min((k for k in (text.find(s) for s in row.params.stop) if k >= 0), default=-1)
+            if cut >= 0:
+                text, finish = text[:cut], "stop"
+            elif finish is None and len(row.tokens) >= row.params.max_new_tokens:
+                finish = "length"
+            end = len(text) if finish else len(text) - _held_back(text, row.params.stop)
+            news.append(Delta(i, token, text[row.sent : max(end, row.sent)], finish))
+            row.sent = max(end, row.sent)
+            if finish is None:
+                still.append(j)
+        yield news
+        if not still:
+            return
+        if len(still) < len(running):
+            keep = torch.tensor(still)
+            decoding.keep(keep)
+            running = [running[j] for j in still]
+            picked = [picked[j] for j in still]
+        logprobs = decoding.step(torch.tensor(picked))
+
+
+class Transcript:
+    """Whole completions from deltas, as they arrive (a drained stream, on either side of a handle)."""
+
+    def __init__(self, rows: int) -> None:
+        self.texts = [""] * rows
+        self.tokens: list[list[int]] = [[] for _ in range(rows)]
+        self.ends: list[FinishReason] = ["length"] * rows
+
+    def add(self, news: Sequence[Delta]) -> None:
+        for d in news:
+            self.texts[d.row] += d.text
+            if d.token is not None:
+                self.tokens[d.row].append(d.token)
+            if d.finish_reason:
+                self.ends[d.row] = d.finish_reason
+
+    def completions(self, prompt_tokens: Sequence[int]) -> list[Completion]:
+        return [Completion(*row) for row in zip(self.texts, self.ends, self.tokens, prompt_tokens)]
 
 
 def complete(backbone: Backbone, decoding: Decoding, params: Sequence[SamplingParams]) -> list[Completion]:
     """`decode` run to the end: each row's whole text."""
-    texts = [""] * len(params)
-    tokens: list[list[int]] = [[] for _ in params]
-    ends: list[FinishReason] = ["length"] * len(params)
+    transcript = Transcript(len(params))
     for news in decode(backbone, decoding, params):
-        for d in news:
-            texts[d.row] += d.text
-            if d.token is not None:
-                tokens[d.row].append(d.token)
-            if d.finish_reason:
-                ends[d.row] = d.finish_reason
-    return [Completion(*row) for row in zip(texts, ends, tokens, decoding.prompt_tokens)]
+        transcript.add(news)
+    return transcript.completions(decoding.prompt_tokens)
 
 
 def _eos_ids(backbone: Backbone) -> set[int]:
