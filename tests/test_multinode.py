@@ -136,7 +136,7 @@ def _tpv(cluster: Cluster, *args: str, timeout: float = 480) -> str:
 
 
 def _trial_results(storage_path: Path) -> list[dict]:
-    """Each trial's last Tune result (Tune fills in `node_ip`: the node the trial ran on)."""
+    """Each Tune trial's last result (Tune fills in `node_ip`: the node the trial ran on)."""
     results = []
     for path in storage_path.glob("*/*/result.json"):
         lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -146,21 +146,22 @@ def _trial_results(storage_path: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def swept(cluster, tiny_causal_path) -> list[dict]:
+    """A packed sweep: 2 tasks x 2 seeds in packs of 2, so two trials, one per node (each node has one CPU)."""
     _tpv(cluster, "sweep", "--address", cluster.address, "--store", str(cluster.store),
          "--storage-path", str(cluster.storage_path), "--out", str(cluster.root / "reports"),
-         "--name", "multinode", "--tasks", "imdb", "trec", "--seeds", "0", "1",
+         "--name", "multinode", "--tasks", "imdb", "trec", "--seeds", "0", "1", "--pack", "2",
          "--backbones", str(tiny_causal_path), "--cpus-per-trial", "1", "--set", *TRAIN)
     return _trial_results(cluster.storage_path)
 
 
-def test_sweep_trials_run_on_both_nodes_and_fill_one_store(cluster, swept):
+def test_packed_sweep_trials_run_on_both_nodes_and_fill_one_store(cluster, swept):
     nodes = {r["node_ip"] for r in swept}  # Ray reports the head as this machine's IP, not 127.0.0.1
-    assert len(nodes) == 2 and NODE2_IP in nodes, [(r["trial_id"], r["node_ip"]) for r in swept]
+    assert len(swept) == 2 and len(nodes) == 2 and NODE2_IP in nodes, [(r["trial_id"], r["node_ip"]) for r in swept]
+    written = {final["vector_id"]: r["node_ip"] for r in swept for final in r["members"].values()}
+    assert len(written) == 4 and set(written.values()) == nodes  # each pack trained 2 pairs on its node
     metas = VectorStore(cluster.store).list()
     assert sorted((m.task, m.origin_seed) for m in metas) == [("imdb", 0), ("imdb", 1), ("trec", 0), ("trec", 1)]
-    written = {r["vector_id"]: r["node_ip"] for r in swept}
-    assert set(written) == {m.vector_id for m in metas}  # every trial's vector, from either node, is in the store
-    assert set(written.values()) == nodes
+    assert set(written) == {m.vector_id for m in metas}  # every pair's vector, from either node, is in the store
 
 
 def test_store_and_storage_path_were_passed_not_found(cluster, swept):
