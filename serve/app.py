@@ -23,7 +23,7 @@ from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
 
-from serve import auth, errors, guards, openai_api
+from serve import auth, errors, guards, metrics, openai_api, playground, similarity
 from serve.auth import Principal, principal
 from serve.cli import main  # noqa: F401 - `tpv serve` runs serve.app:main
 from serve.inputs import pick_template, render
@@ -39,6 +39,7 @@ from serve.schemas import (
     GenerateResponse,
     GenerateResult,
     HealthResponse,
+    SimilarityResponse,
     VectorInfo,
     VectorsResponse,
 )
@@ -68,7 +69,9 @@ errors.install(api)
 api.add_middleware(guards.BodyGuard)
 api.add_middleware(guards.KeyGuard)  # added after BodyGuard: runs first, so no body is read without a key
 api.add_middleware(openai_api.OpenAIErrors)  # re-shapes the errors of the OpenAI routes, the guards' included
+api.add_middleware(metrics.RequestMetrics, router=api.router)  # outermost: guarded refusals are counted too
 api.include_router(openai_api.router)  # /v1/models, /v1/completions, /v1/chat/completions (TPVIngress inherits them)
+api.include_router(playground.router)  # the page at `/` (open, like /docs: it calls the routes below with a key)
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse, "description": text}
     for code, text in ((400, "malformed JSON"), (401, "missing or wrong API key"), (403, "outside the key's scope"),
@@ -162,6 +165,7 @@ class TPVIngress(openai_api.OpenAIRoutes):
         """Label each input under the composed prompt: per-label probabilities and log-likelihoods."""
         limits = self.settings.limits
         who.allow_composition(req.composition, req.task)
+        metrics.note_composition(req.composition)
         check_request(req, limits)
         task = _task(req.task)
         if req.labels is not None:
@@ -181,6 +185,7 @@ class TPVIngress(openai_api.OpenAIRoutes):
         """Greedy generation (at most `max_new_tokens`) after the composed prompt."""
         limits = self.settings.limits
         who.allow_composition(req.composition, req.task)
+        metrics.note_composition(req.composition)
         check_request(req, limits)
         task = _task(req.task)
         max_new = req.max_new_tokens if req.max_new_tokens is not None else min(16, limits.max_new_tokens)
@@ -207,6 +212,13 @@ class TPVIngress(openai_api.OpenAIRoutes):
                                 hidden_size=m.hidden_size, origin_seed=m.origin_seed, created_at=m.created_at,
                                 metrics=m.metrics) for m in metas if task is None or m.task == task],
         )
+
+    @api.get("/v1/similarity", response_model=SimilarityResponse, responses=ERRORS)
+    async def similarity_matrices(self, who: Principal = Depends(principal)) -> SimilarityResponse:
+        """Pairwise cosine (flat) of the stored vectors the key may see, one matrix per vector shape."""
+        out = await self._call("similarity")
+        return SimilarityResponse(backbone_id=out["backbone_id"], store_version=out["store_version"],
+                                  groups=similarity.visible(out["groups"], who.visible))
 
     @api.get("/v1/health", response_model=HealthResponse, responses=ERRORS)
     async def health(self) -> HealthResponse:

@@ -16,6 +16,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serve import auth
 from serve.errors import BodyTimeout, BodyTooLarge, error_response, exception_response
+from serve.playground import PAGE_PATHS
 
 
 @dataclass
@@ -90,7 +91,7 @@ class BodyGuard:
         await self.app(scope, replay, send)
 
 
-OPEN_PATHS = frozenset({"/v1/health", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+OPEN_PATHS = frozenset({"/v1/health", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json", *PAGE_PATHS})
 
 
 def bearer_token(scope: Scope) -> str | None:

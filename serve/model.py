@@ -22,8 +22,10 @@ from ray import serve
 from serve.batching import BatchReport, GenerateItem, PromptEntry, PromptServer, ScoreItem, generate_batch, score_batch
 from serve.limits import LimitExceeded
 from serve.jobs import GenerateJob, GenerateResult, GenerationHead, ModelName, ScoreJob, ScoreResult
+from serve.metrics import ModelMetrics
 from serve.schemas import InlineComposition
 from serve.settings import ModelSettings
+from serve.similarity import similarity_groups
 from tpv.backbone import Backbone, BackboneConfig
 from tpv.compose import CompositionBody, CompositionSpec, prompt_length_of
 from tpv.errors import InvalidInput, NotFoundError, Unavailable
@@ -66,6 +68,8 @@ class TPVModel:
         self._stats: dict[str, Any] = {"batches": 0, "requests": 0, "rows": 0, "forwards": 0,
                                        "max_requests_in_batch": 0, "max_compositions_in_forward": 0,
                                        "max_compositions_in_batch": 0, "batch_seconds": 0.0, "last": None}
+        self.metrics = ModelMetrics()
+        self._similarity: tuple[str, list] | None = None  # (store version, groups): the heatmap, once per version
 
     # ---- lifecycle --------------------------------------------------------------------------------------------
 
@@ -208,7 +212,8 @@ class TPVModel:
 
     # ---- batches ------------------------------------------------------------------------------------------------
 
-    def _record(self, report) -> None:
+    def _record(self, report, fn) -> None:
+        self.metrics.record(fn.__name__.removesuffix("_batch"), report, self._ready()[0].cache)
         s = self._stats
         s["batches"] += 1
         s["requests"] += report.requests
@@ -227,7 +232,7 @@ class TPVModel:
         server, _ = self._ready()
         try:
             results, report = await self._run(fn, server.backbone, items)
-            self._record(report)
+            self._record(report, fn)
             return results
         except Exception as exc:  # noqa: BLE001 - reported per request below
             if len(items) == 1:
@@ -236,7 +241,7 @@ class TPVModel:
         for item in items:
             try:
                 results, report = await self._run(fn, server.backbone, [item])
-                self._record(report)
+                self._record(report, fn)
                 out.append(results[0])
             except Exception as exc:  # noqa: BLE001
                 out.append(exc)
@@ -257,7 +262,7 @@ class TPVModel:
                 yield [StopIteration if news is None else news for news in out]
         except Exception as exc:  # noqa: BLE001 - every request still running gets it (and maps it by type)
             yield [exc] * len(items)
-        self._record(report)
+        self._record(report, generate_batch)
 
     @staticmethod
     async def _gather(batch_fn, items: list) -> list:
@@ -330,6 +335,18 @@ class TPVModel:
         server, _ = self._ready()
         return {"backbone_id": server.backbone.backbone_id, "store_version": version, "metas": metas,
                 "compositions": compositions}
+
+    def _similarity_groups(self) -> tuple[str, list]:
+        server, _ = self._ready()
+        version = server.version()
+        if self._similarity is None or self._similarity[0] != version:
+            self._similarity = (version, similarity_groups(server.store, server.backbone.backbone_id, server.metas()))
+        return self._similarity
+
+    async def similarity(self) -> dict[str, Any]:
+        """The playground's heatmap: flat cosine of the served backbone's vectors, per shape (`serve.similarity`)."""
+        version, groups = await self._run(self._similarity_groups)
+        return {"backbone_id": self._ready()[0].backbone.backbone_id, "store_version": version, "groups": groups}
 
     async def info(self) -> dict[str, Any]:
         """What this replica serves, answered from memory (no store or model work): the health check's body."""

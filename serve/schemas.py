@@ -250,3 +250,25 @@ class ErrorResponse(BaseModel):
     error: str
     detail: str
     errors: list[dict[str, Any]] | None = None
+
+
+# ---- the playground's heatmap -------------------------------------------------------------------------------------
+
+
+class SimilarityGroup(BaseModel):
+    """Pairwise cosine (`flat`, the paper's) of the stored vectors of one shape: matrix[i][j] is vector_ids[i] vs
+    vector_ids[j]."""
+
+    prompt_length: int
+    hidden_size: int
+    vector_ids: list[str]
+    tasks: list[str] = Field(description="the task of each vector, in the same order")
+    matrix: list[list[float]]
+    left_out: int = Field(0, description="vectors of this shape not in the matrix (over the size bound, or unreadable)")
+
+
+class SimilarityResponse(BaseModel):
+    backbone_id: str
+    store_version: str
+    mode: Literal["flat"] = "flat"
+    groups: list[SimilarityGroup]
