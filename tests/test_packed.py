@@ -174,7 +174,7 @@ def test_evaluate_many_gives_each_prompt_its_own_metrics(tasks, causal):
 def test_auto_pack_size_fills_the_trial_slots_within_half_the_free_memory(tiny_causal_path):
     from transformers import AutoConfig
 
-    from tpv.packed import activation_bytes, auto_pack_size
+    from tpv.packed import activation_bytes, auto_pack_size, pack_fits
 
     configs = [TrainConfig(task="imdb", backbone={"model": str(tiny_causal_path)}, prompt_length=4, batch_size=4,
                            seed=s) for s in range(10)]
@@ -186,3 +186,13 @@ def test_auto_pack_size_fills_the_trial_slots_within_half_the_free_memory(tiny_c
     assert auto_pack_size(configs, slots=1, free_bytes=2 * (weights + 3 * per_prompt), device="cpu") == 3
     assert auto_pack_size(configs, slots=1, free_bytes=2 * (weights + 3 * per_prompt) - 1, device="cpu") == 2
     assert auto_pack_size(configs, slots=1, free_bytes=0, device="cpu") == 1
+    assert pack_fits(configs, 3, 2 * (weights + 3 * per_prompt), "cpu")
+    assert not pack_fits(configs, 4, 2 * (weights + 3 * per_prompt), "cpu")  # then it recomputes activations
+
+
+def test_a_recomputing_pack_ends_where_a_plain_one_does(tasks, causal):
+    """Activation recompute (for packs that would not fit in memory) changes nothing but memory."""
+    configs = mixed_pack(tasks, causal)[:3]
+    plain = train_pack(configs, causal)
+    for got, want in zip(train_pack(configs, causal, recompute=True), plain):
+        torch.testing.assert_close(got.tuned, want.tuned, **TOL)

@@ -22,12 +22,14 @@ from pydantic import BaseModel, Field
 
 from tpv.backbone import Backbone
 from tpv.compose import Composer, CompositionSpec
-from tpv.evaluate import evaluate
+from tpv.evaluate import evaluate_many
 from tpv.prompt import make_origin
 from tpv.store import VectorStore
-from tpv.tasks import get_task, load_split
+from tpv.tasks import Example, get_task, load_split
 
 LabelRelation = Literal["same", "overlapping", "disjoint", "regression"]
+#: a candidate combination: per-task weights and the coefficient on their weighted sum
+Candidate = tuple[Sequence[float], float]
 
 
 def coefficient_grid(step: float = 0.05) -> list[float]:
@@ -79,7 +81,8 @@ class AdditionResult(BaseModel):
 
 
 class Combination:
-    """Scores prompts made of a fixed set of task vectors on one origin (compositions cached by the Composer)."""
+    """Scores prompts made of a fixed set of task vectors on one origin (compositions cached by the Composer, each
+    split read once, many candidate prompts per forward pass)."""
 
     def __init__(self, backbone: Backbone, store: VectorStore, tasks: Sequence[str], origin_seed: int,
                  source: str | None = None, prompt_length: int | None = None):
@@ -90,6 +93,7 @@ class Combination:
         metas = [task_vectors(store, backbone.backbone_id, t, prompt_length, [origin_seed], source)[0] for t in tasks]
         self.prompt_length = metas[0].prompt_length
         self.composer = Composer(store, lambda length, seed: make_origin(backbone, length, seed))
+        self._splits: dict[tuple[str, str, int | None], list[Example]] = {}
 
     def spec(self, weights: Sequence[float], coefficient: float) -> CompositionSpec:
         narrow = {"seeds": [self.origin_seed], **({"source": self.source} if self.source else {})}
@@ -99,22 +103,40 @@ class Combination:
             method="weighted", coefficient=float(coefficient),
         )
 
+    def examples(self, task: str, split: str, limit: int | None) -> list[Example]:
+        """A member's split, read once per combination."""
+        key = (task, split, limit)
+        if key not in self._splits:
+            self._splits[key] = load_split(task, split, limit=limit, seed=0)
+        return self._splits[key]
+
+    def metrics_many(self, candidates: Sequence[Candidate], task: str, split: str,
+                     limit: int | None) -> list[dict[str, float]]:
+        """All metrics of each candidate's composed prompt on one member task's split, many prompts per pass."""
+        prompts = [self.composer.compose(self.spec(w, c)).to(self.backbone.device) for w, c in candidates]
+        examples = self.examples(task, split, limit)
+        return evaluate_many(self.backbone, prompts, [get_task(task)] * len(prompts), [examples] * len(prompts))
+
     def metrics(self, weights: Sequence[float], coefficient: float, task: str, split: str,
                 limit: int | None) -> dict[str, float]:
         """All metrics of the composed prompt on one member task's split."""
-        prompt = self.composer.compose(self.spec(weights, coefficient)).to(self.backbone.device)
-        return evaluate(self.backbone, prompt, get_task(task), load_split(task, split, limit=limit, seed=0))
+        return self.metrics_many([(weights, coefficient)], task, split, limit)[0]
+
+    def score_many(self, candidates: Sequence[Candidate], split: str, limit: int | None) -> list[dict[str, float]]:
+        """Per candidate: the members' metric on `split`, plus their mean ('mean') and mean gold-label
+        log-probability."""
+        per_task = {task: self.metrics_many(candidates, task, split, limit) for task in self.tasks}
+        out = []
+        for i in range(len(candidates)):
+            row = {task: per_task[task][i][get_task(task).metric] for task in self.tasks}
+            row["mean"] = sum(row[t] for t in self.tasks) / len(self.tasks)
+            row["label_logprob"] = sum(per_task[t][i].get("label_logprob", 0.0) for t in self.tasks) / len(self.tasks)
+            out.append(row)
+        return out
 
     def score(self, weights: Sequence[float], coefficient: float, split: str, limit: int | None) -> dict[str, float]:
         """The members' metric on `split`, plus their mean ('mean') and mean gold-label log-probability."""
-        out, logprobs = {}, []
-        for task in self.tasks:
-            m = self.metrics(weights, coefficient, task, split, limit)
-            out[task] = m[get_task(task).metric]
-            logprobs.append(m.get("label_logprob", 0.0))
-        out["mean"] = sum(out[t] for t in self.tasks) / len(self.tasks)
-        out["label_logprob"] = sum(logprobs) / len(logprobs)
-        return out
+        return self.score_many([(weights, coefficient)], split, limit)[0]
 
     def single(self, task: str, split: str, limit: int | None) -> float:
         """One member alone: O_s + tau_t."""
@@ -138,8 +160,9 @@ def run_addition(
     combo = Combination(backbone, store, tasks, origin_seed, source)
     if weights is None:
         ones = [1.0] * len(tasks)
-        rows = [{"coefficient": c, **combo.score(ones, c, "validation", eval_examples)}
-                for c in (grid if grid is not None else coefficient_grid())]
+        coefficients = grid if grid is not None else coefficient_grid()
+        scores = combo.score_many([(ones, c) for c in coefficients], "validation", eval_examples)  # one pack
+        rows = [{"coefficient": c, **score} for c, score in zip(coefficients, scores)]
         best = choose_coefficient(rows)
         chosen_weights, coefficient = ones, best["coefficient"]
     else:

@@ -320,23 +320,36 @@ def activation_bytes(config: TrainConfig, model_config, dtype_bytes: int) -> int
     return tokens * layers * (16 * hidden + 3 * inner) * dtype_bytes
 
 
-def auto_pack_size(configs: Sequence[TrainConfig], slots: int, free_bytes: int, device: str) -> int:
-    """K for `--pack auto`: the fewest packs that keep every one of `slots` concurrent trials busy
-    (ceil(N / slots)), no more prompts than half of `free_bytes` (the rest is headroom for evaluation, the
-    allocator and the runtime) holds once the model's weights are in, and at most MAX_AUTO_PACK."""
+def _estimate(configs: Sequence[TrainConfig], device: str) -> tuple[int, int]:
+    """(the model's weight bytes, the largest activation bytes of one of `configs`' prompts) on `device`."""
     from pathlib import Path
 
     from transformers import AutoConfig
 
     from tpv.bundled import resolve_model_path
 
-    if not configs:
-        return 1
     path = resolve_model_path(configs[0].backbone.model)
     model_config = AutoConfig.from_pretrained(path)
     dtype_bytes = 4 if configs[0].backbone.dtype == "float32" or (
         configs[0].backbone.dtype == "auto" and not device.startswith("cuda")) else 2
     weights = sum(f.stat().st_size for f in Path(path).glob("*.safetensors")) * dtype_bytes // 4
-    per_prompt = max(activation_bytes(c, model_config, dtype_bytes) for c in configs)
+    return weights, max(activation_bytes(c, model_config, dtype_bytes) for c in configs)
+
+
+def auto_pack_size(configs: Sequence[TrainConfig], slots: int, free_bytes: int, device: str) -> int:
+    """K for `--pack auto`: the fewest packs that keep every one of `slots` concurrent trials busy
+    (ceil(N / slots)), no more prompts than the pack's memory budget holds (`pack_fits`), and at most
+    MAX_AUTO_PACK."""
+    if not configs:
+        return 1
+    weights, per_prompt = _estimate(configs, device)
     by_memory = max(1, (free_bytes // 2 - weights) // per_prompt)
     return int(max(1, min(by_memory, math.ceil(len(configs) / max(1, slots)), MAX_AUTO_PACK)))
+
+
+def pack_fits(configs: Sequence[TrainConfig], size: int, free_bytes: int, device: str) -> bool:
+    """Whether `size` prompts' activations fit the pack's memory budget: half of `free_bytes` (the rest is
+    headroom for evaluation, the allocator and the runtime) less the model's weights. A pack that does not fit
+    recomputes its layers' activations in the backward pass (`recomputed_layers`)."""
+    weights, per_prompt = _estimate(configs, device)
+    return size * per_prompt <= free_bytes // 2 - weights

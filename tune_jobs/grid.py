@@ -6,7 +6,8 @@ progress line per event, and resumes an interrupted experiment of the same name 
 
 Packs: `specs_space(specs, pack=K)` puts the runs in packs of up to K (`pack_specs`), one Tune trial per pack
 (`tpv.packed.train_pack`: the model loaded once, one forward and backward per step); `run_grid` gives every run of
-a pack its own `GridOutcome`, so jobs read packed and unpacked grids alike. `pack_size` resolves `--pack auto`.
+a pack its own `GridOutcome`, so jobs read packed and unpacked grids alike. `plan_packs` resolves `--pack` (K, and
+whether a pack recomputes activations to fit its memory).
 """
 
 from __future__ import annotations
@@ -136,13 +137,15 @@ class Search(BaseModel):
     scheduler: Any = None
 
 
-def specs_space(specs: Sequence[TrialSpec], pack: int = 1) -> dict[str, Any]:
-    """The param space of a grid of trial specs: one trial per spec, or with `pack` > 1 one trial per pack."""
+def specs_space(specs: Sequence[TrialSpec], pack: int = 1, recompute: bool = False) -> dict[str, Any]:
+    """The param space of a grid of trial specs: one trial per spec, or with `pack` > 1 one trial per pack
+    (`recompute`: its layers' activations are recomputed in the backward pass, see `plan_packs`)."""
     from ray import tune
 
     if pack <= 1:
         return {"spec": tune.grid_search([s.model_dump(mode="json") for s in specs])}
-    return {"pack": tune.grid_search([[s.model_dump(mode="json") for s in p] for p in pack_specs(specs, pack)])}
+    return {"pack": tune.grid_search([[s.model_dump(mode="json") for s in p] for p in pack_specs(specs, pack)]),
+            "recompute": recompute}
 
 
 def pack_specs(specs: Sequence[TrialSpec], size: int) -> list[list[TrialSpec]]:
@@ -159,24 +162,30 @@ def pack_specs(specs: Sequence[TrialSpec], size: int) -> list[list[TrialSpec]]:
     return packs
 
 
-def pack_size(resources: Resources, specs: Sequence[TrialSpec]) -> int:
-    """K: `resources.pack`, or for "auto" what the device's memory holds (`tpv.packed.auto_pack_size`), no more
-    than keeps every trial slot of the cluster busy (ceil(runs / slots))."""
+def plan_packs(resources: Resources, specs: Sequence[TrialSpec]) -> tuple[int, bool]:
+    """(K, recompute) for `specs_space`: K is `resources.pack`, or for "auto" what a trial's share of the device's
+    memory holds (`tpv.packed.auto_pack_size`), no more than keeps every trial slot of the cluster busy
+    (ceil(runs / slots)); a pack whose activations would not fit its share recomputes them (`tpv.packed.pack_fits`).
+    The memory is the driver's view: on a cluster whose head has no GPU, give K explicitly."""
     import ray
 
-    from tpv.packed import auto_pack_size, free_memory_bytes
+    from tpv.packed import auto_pack_size, free_memory_bytes, pack_fits
 
-    if resources.pack != "auto" or not specs:
-        return 1 if resources.pack == "auto" else resources.pack
+    if resources.pack == 1 or not specs:
+        return 1, False
     cluster = ray.cluster_resources()
     slots = int(cluster.get("CPU", 1) // resources.cpus_per_trial)
     if resources.gpus_per_trial:
         slots = min(slots, int(cluster.get("GPU", 0) // resources.gpus_per_trial))
     slots = max(1, min(slots, resources.max_concurrent or slots))
     device = "cuda" if resources.gpus_per_trial else "cpu"
-    share = resources.gpus_per_trial if resources.gpus_per_trial else 1.0 / slots
-    free = free_memory_bytes(device) * min(share, 1.0)
-    return auto_pack_size([s.train for s in specs], slots, int(free), device)
+    share = min(resources.gpus_per_trial, 1.0) if resources.gpus_per_trial else 1.0 / slots
+    free = int(free_memory_bytes(device) * share)
+    configs = [s.train for s in specs]
+    if resources.pack == "auto":
+        return auto_pack_size(configs, slots, free, device), False
+    size = min(resources.pack, len(specs))
+    return size, not pack_fits(configs, size, free, device)
 
 
 def run_grid(

@@ -44,7 +44,7 @@ from tune_jobs.config import (
     parse_overrides,
     start_ray,
 )
-from tune_jobs.grid import TrialsFailed, run_grid, short_hash, specs_space
+from tune_jobs.grid import TrialsFailed, plan_packs, run_grid, short_hash, specs_space
 from tune_jobs.locations import add_location_args
 from tune_jobs.runtime import init_ray, load_backbone, set_threads
 from tune_jobs.tables import csv_text, markdown_table, print_result
@@ -215,7 +215,8 @@ def run_study(config: StudyConfig) -> dict[str, Any]:
     init_ray()
     print(f"[study] {len(recipes)} recipe(s) x {len(config.tasks)} tasks x {len(config.seeds)} origins = "
           f"{len(specs)} runs of {max(config.steps)} steps, scored at {config.steps}", flush=True)
-    trained = run_grid(specs_space(specs), experiment=f"{config.name}-{key}-train", job="study train", **run)
+    trained = run_grid(specs_space(specs, *plan_packs(config.resources, specs)),
+                       experiment=f"{config.name}-{key}-train", job="study train", **run)
     failed = [o.error for o in trained if o.error]
     if failed:
         raise TrialsFailed(f"{len(failed)} study run(s) failed ({failed[0]}); run the same command again to "

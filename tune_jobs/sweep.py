@@ -31,7 +31,7 @@ from tune_jobs.config import (
     deep_merge,
     start_ray,
 )
-from tune_jobs.grid import GridOutcome, pack_size, run_grid, short_hash, specs_space
+from tune_jobs.grid import GridOutcome, plan_packs, run_grid, short_hash, specs_space
 from tune_jobs.locations import add_location_args
 from tune_jobs.runtime import init_ray
 from tune_jobs.tables import csv_text, markdown_table
@@ -118,11 +118,12 @@ def run_sweep(config: SweepConfig, trainable: Callable[[dict], None] = train_tri
             )
             for cfg in pending
         ]
-        pack = pack_size(config.resources, specs)
+        pack, recompute = plan_packs(config.resources, specs)
         if pack > 1:
-            print(f"[sweep] {len(specs)} pairs in packs of up to {pack}", flush=True)
+            print(f"[sweep] {len(specs)} pairs in packs of up to {pack}"
+                  f"{' (recomputing activations to fit memory)' if recompute else ''}", flush=True)
         outcomes = run_grid(
-            specs_space(specs, pack), experiment=experiment, storage_path=loc.storage_path, cpus=config.resources.cpus_per_trial,
+            specs_space(specs, pack, recompute), experiment=experiment, storage_path=loc.storage_path, cpus=config.resources.cpus_per_trial,
             gpus=config.resources.gpus_per_trial, max_failures=config.max_failures,
             max_concurrent=config.resources.max_concurrent, restore=not config.fresh, verbose=config.verbose,
             job="sweep", trainable=trainable,

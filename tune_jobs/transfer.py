@@ -42,7 +42,7 @@ from tune_jobs.config import (
     deep_merge,
     start_ray,
 )
-from tune_jobs.grid import run_grid, short_hash, specs_space
+from tune_jobs.grid import plan_packs, run_grid, short_hash, specs_space
 from tune_jobs.locations import add_location_args
 from tune_jobs.runtime import init_ray
 from tune_jobs.tables import (
@@ -172,7 +172,8 @@ def run_transfer(config: TransferConfig) -> dict[str, Any]:
             for target in config.targets for seed in config.seeds
         ]
         print(f"[transfer] {len(probe_specs)} probe runs for tpv_auto", flush=True)
-        run_grid(specs_space(probe_specs), experiment=f"{experiment}-probe", job="transfer probe", reuse_finished=True, **common)
+        run_grid(specs_space(probe_specs, *plan_packs(config.resources, probe_specs)),
+                 experiment=f"{experiment}-probe", job="transfer probe", reuse_finished=True, **common)
         probes = VectorStore(probe_store_uri)
         for target in config.targets:
             for seed in config.seeds:
@@ -216,7 +217,8 @@ def run_transfer(config: TransferConfig) -> dict[str, Any]:
                     ))
     print(f"[transfer] {len(specs)} cells: {len(config.targets)} target(s) x {len(config.shots)} shot counts x "
           f"{len(config.inits)} inits x {len(config.seeds)} seeds", flush=True)
-    outcomes = run_grid(specs_space(specs), experiment=experiment, job="transfer", reuse_finished=True, **common)
+    outcomes = run_grid(specs_space(specs, *plan_packs(config.resources, specs)), experiment=experiment,
+                        job="transfer", reuse_finished=True, **common)
     return summarize(config, outcomes, auto_sources, Path(loc.out_dir) / config.name, loc.store)
 
 

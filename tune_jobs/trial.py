@@ -113,7 +113,8 @@ def load_pack(folder: str) -> tuple[dict[int, TrainCheckpoint], dict[int, dict[s
 
 def train_trial(config: dict[str, Any], after_checkpoint: Callable[[TrialSpec, int], None] | None = None) -> None:
     """The Ray Tune function trainable of every training job: one run (`{"spec": ...}`) or a pack of runs
-    (`{"pack": [...]}`, `tpv.packed.train_pack`: the model loaded once, one forward and backward per step).
+    (`{"pack": [...], "recompute": bool}`, `tpv.packed.train_pack`: the model loaded once, one forward and backward
+    per step).
 
     Every run is skipped when already stored, resumes from its own state in the trial's checkpoint, and writes its
     vector the moment it finishes. A checkpoint is reported at every step where runs were evaluated.
@@ -217,7 +218,7 @@ def train_trial(config: dict[str, Any], after_checkpoint: Callable[[TrialSpec, i
         if len(sources) > 1:
             raise ValueError("the runs of a pack read source vectors from one store")
         train_pack([specs[i].train for i in training], backbone, source_store, on_eval=report, on_finish=finish,
-                   resume=[states.get(i) for i in training])
+                   resume=[states.get(i) for i in training], recompute=bool(config.get("recompute")))
     if packed:
         tune.report({"done": 1.0, "seconds": time.perf_counter() - started,
                      "members": {specs[i].label: finals[i] for i in range(len(specs))}})

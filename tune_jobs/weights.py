@@ -4,6 +4,7 @@ Two searches, both through Ray Tune, both scoring the composed prompt O + c * su
 validation split:
 
 - `paper`: the paper's rule. One coefficient c on the plain sum (all w_i = 1), grid 0..1 in steps of 0.05.
+  Zero-shot, the whole grid is one trial whose candidate prompts share every forward pass (packed evaluation).
 - `per_vector`: one weight per source vector in a continuous range, searched by Optuna (TPE) through
   `ray.tune.search.optuna.OptunaSearch`; with the few-shot objective, ASHA can stop poor trials early.
 
@@ -31,7 +32,7 @@ from tpv.backbone import BackboneConfig, backbone_id_for
 from tpv.bundled import DEFAULT_BACKBONE
 from tpv.paths import atomic_write
 from tune_jobs.config import JobConfig, add_resource_args, config_from_args, start_ray
-from tune_jobs.grid import GridOutcome, Search, run_grid, short_hash
+from tune_jobs.grid import GridOutcome, Search, TrialsFailed, run_grid, short_hash
 from tune_jobs.locations import add_location_args
 from tune_jobs.runtime import init_ray, load_backbone, set_threads
 from tune_jobs.tables import csv_text, markdown_table, print_result
@@ -112,42 +113,68 @@ def composition_spec(spec: ObjectiveSpec, backbone_id: str, weights: list[float]
     )
 
 
-def score(spec: ObjectiveSpec, weights: list[float], coefficient: float, report=None) -> dict[str, float]:
-    """Validation metrics of the composed prompt (zero-shot) or of the best prompt after few-shot steps."""
+def zero_shot_scores(spec: ObjectiveSpec, candidates: list[tuple[list[float], float]]) -> list[dict[str, float]]:
+    """Validation metrics of each candidate's composed prompt as it is: every candidate in the same forward passes
+    (`tpv.evaluate.evaluate_many`), the validation split read once."""
     from tpv.compose import Composer
-    from tpv.evaluate import evaluate
+    from tpv.evaluate import evaluate_many
     from tpv.prompt import make_origin
     from tpv.store import VectorStore
     from tpv.tasks import get_task, load_split
-    from tpv.train import InitSpec, TrainConfig, train
 
     set_threads(spec.cpus)
     backbone = load_backbone(spec.backbone)
     task = get_task(spec.target)
-    store = VectorStore(spec.store)
-    comp = composition_spec(spec, backbone.backbone_id, weights, coefficient)
+    composer = Composer(VectorStore(spec.store), lambda length, seed: make_origin(backbone, length, seed))
+    prompts = [composer.compose(composition_spec(spec, backbone.backbone_id, w, c)) for w, c in candidates]
+    dev = load_split(spec.target, "validation", limit=spec.eval_examples, seed=0)
+    found = evaluate_many(backbone, prompts, [task] * len(prompts), [dev] * len(prompts))
+    return [{**m, "objective": objective_value(m, task.metric, spec.metric),
+             "metric_value": float(m.get(spec.metric or task.metric, math.nan))} for m in found]
+
+
+def score(spec: ObjectiveSpec, weights: list[float], coefficient: float, report=None) -> dict[str, float]:
+    """Validation metrics of the composed prompt (zero-shot) or of the best prompt after few-shot steps."""
+    from tpv.store import VectorStore
+    from tpv.tasks import get_task
+    from tpv.train import InitSpec, TrainConfig, train
+
     if spec.objective == "zero_shot":
-        prompt = Composer(store, lambda length, seed: make_origin(backbone, length, seed)).compose(comp)
-        dev = load_split(spec.target, "validation", limit=spec.eval_examples, seed=0)
-        metrics = evaluate(backbone, prompt, task, dev)
-    else:
-        init = InitSpec(kind="composition", composition=comp.model_dump(
-            mode="json", include={"terms", "method", "coefficient", "params"}))
-        config = TrainConfig(
-            task=spec.target, backbone=spec.backbone, prompt_length=spec.prompt_length, seed=spec.origin_seed,
-            lr=spec.lr, warmup_steps=0, batch_size=8, max_steps=spec.few_shot_steps, shots=spec.shots,
-            eval_every=max(1, spec.few_shot_steps // 4), eval_examples=spec.eval_examples, schedule="constant",
-            init=init, progress=False,
-        )
+        return zero_shot_scores(spec, [(weights, coefficient)])[0]
+    set_threads(spec.cpus)
+    backbone = load_backbone(spec.backbone)
+    task = get_task(spec.target)
+    comp = composition_spec(spec, backbone.backbone_id, weights, coefficient)
+    init = InitSpec(kind="composition", composition=comp.model_dump(
+        mode="json", include={"terms", "method", "coefficient", "params"}))
+    config = TrainConfig(
+        task=spec.target, backbone=spec.backbone, prompt_length=spec.prompt_length, seed=spec.origin_seed,
+        lr=spec.lr, warmup_steps=0, batch_size=8, max_steps=spec.few_shot_steps, shots=spec.shots,
+        eval_every=max(1, spec.few_shot_steps // 4), eval_examples=spec.eval_examples, schedule="constant",
+        init=init, progress=False,
+    )
 
-        def callback(step, metrics, checkpoint):
-            if report is not None:
-                report({"objective": objective_value(metrics, task.metric, spec.metric), "step": step})
+    def callback(step, metrics, checkpoint):
+        if report is not None:
+            report({"objective": objective_value(metrics, task.metric, spec.metric), "step": step})
 
-        result = train(config, backbone=backbone, store=store, callback=callback)
-        metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
+    result = train(config, backbone=backbone, store=VectorStore(spec.store), callback=callback)
+    metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
     return {**metrics, "objective": objective_value(metrics, task.metric, spec.metric), "metric_value":
             float(metrics.get(spec.metric or task.metric, math.nan))}
+
+
+def coefficient_grid_trial(config: dict[str, Any]) -> None:
+    """Tune trainable of the paper rule, zero-shot: `config = {"spec": ObjectiveSpec, "coefficients": [...]}`,
+    every coefficient scored in one trial, all their prompts in the same forward passes."""
+    from ray import tune
+
+    spec = ObjectiveSpec.model_validate(config["spec"])
+    started = time.perf_counter()
+    ones = [1.0] * len(spec.terms)
+    scores = zero_shot_scores(spec, [(ones, c) for c in config["coefficients"]])
+    tune.report({"done": 1.0, "seconds": time.perf_counter() - started,
+                 "rows": [{"coefficient": float(c), **m} for c, m in zip(config["coefficients"], scores)]})
 
 
 def weight_trial(config: dict[str, Any]) -> None:
@@ -216,12 +243,23 @@ def run_search(config: WeightSearchConfig) -> dict[str, Any]:
         steps = int(round(1.0 / config.grid_step))
         grid = [round(i * config.grid_step, 10) for i in range(steps + 1)]
         print(f"[search-weights] paper rule: {len(grid)} coefficients on the sum of {config.sources}", flush=True)
-        outcomes = run_grid(
-            {"spec": spec.model_dump(mode="json"), "coefficient": tune.grid_search(grid)},
-            experiment=f"{name}-paper-{key}", job="search-weights paper", reuse_finished=True,
-            max_concurrent=config.resources.max_concurrent, **run,
-        )
-        rows = _rows(outcomes, n_terms)
+        if config.objective == "zero_shot":  # one trial, every coefficient's prompt in the same forward passes
+            grid_run = {**run, "trainable": coefficient_grid_trial, "name": lambda trial: "coefficient-grid"}
+            (outcome,) = run_grid({"spec": spec.model_dump(mode="json"), "coefficients": grid},
+                                  experiment=f"{name}-paper-grid-{key}", job="search-weights paper",
+                                  reuse_finished=True, **grid_run)
+            if outcome.error:
+                raise TrialsFailed(f"the coefficient grid failed ({outcome.error}); run the same command again")
+            rows = [{"coefficient": r["coefficient"], "weights": [1.0] * n_terms, "objective": r["objective"],
+                     "metric_value": r["metric_value"], "label_logprob": r.get("label_logprob"), "done": True,
+                     "error": None} for r in outcome.metrics["rows"]]
+        else:
+            outcomes = run_grid(
+                {"spec": spec.model_dump(mode="json"), "coefficient": tune.grid_search(grid)},
+                experiment=f"{name}-paper-{key}", job="search-weights paper", reuse_finished=True,
+                max_concurrent=config.resources.max_concurrent, **run,
+            )
+            rows = _rows(outcomes, n_terms)
         rows.sort(key=lambda r: r["coefficient"])
         best = max(rows, key=lambda r: (r["objective"], -r["coefficient"]))  # ties: the smaller coefficient
         found["paper"] = best
