@@ -251,9 +251,11 @@ class TPVModel:
     async def _score_batch(self, items: list[ScoreItem]) -> list:
         return await self._isolated(score_batch, items)
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01, batch_size_fn=_rows)
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01, batch_size_fn=_rows, max_concurrent_batches=4)
     async def _generate_batch(self, items: list[GenerateItem]):
-        """One decoding loop for the whole batch; per step, each request's deltas (StopIteration once it is done)."""
+        """One decoding loop for the whole batch; per step, each request's deltas (StopIteration once it is done).
+        Requests that arrive while a loop runs start their own (up to 4 loops, their steps taking turns on the
+        torch thread) instead of waiting for it to end."""
         server, _ = self._ready()
         report = BatchReport()
         steps = generate_batch(server.backbone, items, report)

@@ -24,7 +24,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from serve import errors
+from serve import errors, metrics
 from serve.auth import Principal, principal
 from serve.jobs import GenerateJob, GenerationHead, ModelName
 from serve.limits import LimitExceeded, check_composition
@@ -56,11 +56,18 @@ _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permi
 router = APIRouter(tags=["OpenAI-compatible"])
 RESPONSES: dict[int | str, dict[str, Any]] = {
     code: {"model": OpenAIErrorResponse, "description": text}
-    for code, text in ((401, "missing or wrong API key"), (403, "outside the key's scope"),
-                       (404, "unknown model, task, vector or composition"), (413, "body too large"),
-                       (422, "invalid request (limits, unsupported fields, no chat template)"),
+    for code, text in ((400, "malformed JSON"), (401, "missing or wrong API key"), (403, "outside the key's scope"),
+                       (404, "unknown model, task, vector or composition"), (408, "body not sent in time"),
+                       (413, "body too large"), (422, "invalid request (limits, unsupported fields, no chat template)"),
+                       (500, "server-side fault (e.g. a corrupt store entry this request names)"),
                        (503, "no model replica available"), (504, "the model did not answer in time"))
 }
+#: with `stream: true` the 200 answer is server-sent events (the schema is one event's, as before OpenAPI 3.2)
+_EVENT = {"type": "object", "required": ["data"], "properties": {
+    "data": {"type": "string", "description": "a chunk's JSON (an error's, {\"error\": ...}, after a late failure), "
+                                              "then [DONE]"}}}
+STREAMED = {200: {"content": {"text/event-stream": {"schema": _EVENT}},
+                  "description": "the completion, or with `stream: true` its chunks as server-sent events"}}
 
 
 # ---- errors -------------------------------------------------------------------------------------------------------
@@ -69,11 +76,11 @@ RESPONSES: dict[int | str, dict[str, Any]] = {
 def openai_error(status: int, native: dict[str, Any]) -> dict[str, Any]:
     """The OpenAI error body for a native one ({"error": kind, "detail", "errors"?}) answered with `status`."""
     fields = native.get("errors") if status == 422 else None  # a field error names its field; JSON errors do not
-    loc = [p for p in (fields[0].get("loc", []) if fields else []) if p != "body"]
+    loc = [p for p in (fields[0].get("loc", []) if fields else []) if p != "body"][:1]  # the top-level field
     kind = str(native.get("error", "error"))
     return {"error": {"message": str(native.get("detail", kind)),
                       "type": _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error"),
-                      "param": ".".join(map(str, loc)) or None, "code": kind}}
+                      "param": str(loc[0]) if loc else None, "code": kind}}
 
 
 class OpenAIErrors:
@@ -168,6 +175,7 @@ class OpenAIRoutes:
             ref = req.composition
         else:
             ref = ModelName(req.model, who)
+        metrics.note_composition(req.composition if req.composition is not None else req.model)
         return GenerateJob(ref, sources, req.sampling(max_tokens), req.n, conversations)
 
     async def _stream(self, job: GenerateJob, req: SamplingFields, chunk: Callable[[list[Delta]], BaseModel],
@@ -223,11 +231,11 @@ class OpenAIRoutes:
                 if allowed is None or c in allowed]
         return ModelList(data=data + [Model(id=t, created=c, owned_by="task") for t, c in sorted(newest.items())])
 
-    @router.post("/v1/completions", response_model=Completion, responses=RESPONSES)
+    @router.post("/v1/completions", response_model=Completion, responses={**RESPONSES, **STREAMED})
     async def openai_completions(self, req: CompletionRequest, who: Principal = Depends(principal)):
         """Continue each prompt after the composed soft prompt (`n` choices each; `stream` for server-sent events)."""
         bound = req.max_tokens if req.max_tokens is not None else COMPLETION_DEFAULT_TOKENS
-        job = self._job(req, who, req.prompt, [], bound)
+        job = self._job(req, who, req.prompts, [], bound)
         cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         if req.stream:
             def chunk(news: list[Delta]) -> Completion:
@@ -245,7 +253,7 @@ class OpenAIRoutes:
             usage=_usage([c.prompt_tokens for c in done[:: job.n]], sum(len(c.token_ids) for c in done)),
         )
 
-    @router.post("/v1/chat/completions", response_model=ChatCompletion, responses=RESPONSES)
+    @router.post("/v1/chat/completions", response_model=ChatCompletion, responses={**RESPONSES, **STREAMED})
     async def openai_chat(self, req: ChatCompletionRequest, who: Principal = Depends(principal)):
         """The conversation through the backbone's chat template, then the assistant's turn after the composed
         soft prompt."""

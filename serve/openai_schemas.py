@@ -10,9 +10,18 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    StringConstraints,
+    Tag,
+    field_validator,
+    model_validator,
+)
 
-from serve.schemas import HARD_MAX_INPUTS, HARD_MAX_NEW_TOKENS, CompositionRef, Text
+from serve.schemas import HARD_MAX_INPUTS, HARD_MAX_NEW_TOKENS, CompositionRef, Text, _kind
 from tpv.generate import FinishReason, SamplingParams, StopText
 from tpv.names import Name
 
@@ -42,7 +51,10 @@ class SamplingFields(BaseModel):
     temperature: float = Field(1.0, ge=0.0, le=2.0, description="0: greedy")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     n: int = Field(1, ge=1, le=MAX_CHOICES, description="choices per prompt")
-    stop: list[StopText] | None = Field(None, max_length=4, description="a string or up to 4")
+    stop: Annotated[
+        Annotated[StopText, Tag("text")] | Annotated[list[StopText], Field(max_length=4), Tag("texts")],
+        Discriminator(_kind, custom_error_type="stop_type", custom_error_message="stop is a string or a list of them"),
+    ] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     seed: int | None = Field(None, ge=0, lt=2**62)
@@ -50,11 +62,6 @@ class SamplingFields(BaseModel):
     presence_penalty: float = Field(0.0, description="only 0 (not supported)")
     frequency_penalty: float = Field(0.0, description="only 0 (not supported)")
     logit_bias: dict[str, float] | None = Field(None, description="only empty (not supported)")
-
-    @field_validator("stop", mode="before")
-    @classmethod
-    def _one_stop(cls, value: Any) -> Any:
-        return [value] if isinstance(value, str) else value
 
     @field_validator("presence_penalty", "frequency_penalty")
     @classmethod
@@ -72,7 +79,8 @@ class SamplingFields(BaseModel):
 
     def sampling(self, max_new_tokens: int) -> SamplingParams:
         return SamplingParams(max_new_tokens=max_new_tokens, temperature=self.temperature, top_p=self.top_p,
-                              stop=tuple(self.stop or ()), seed=self.seed)
+                              stop=(self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ()),
+                              seed=self.seed)
 
     @property
     def include_usage(self) -> bool:
@@ -89,7 +97,12 @@ class CompletionRequest(SamplingFields):
          "composition": {"terms": [{"task": "trec", "weight": 0.7}, {"task": "rotten_tomatoes", "weight": 0.3}]}},
     ]})
 
-    prompt: list[Text] = Field(min_length=1, max_length=HARD_MAX_INPUTS, description="a string or a list of them")
+    prompt: Annotated[
+        Annotated[Text, Tag("text")]
+        | Annotated[list[Text], Field(min_length=1, max_length=HARD_MAX_INPUTS), Tag("texts")],
+        Discriminator(_kind, custom_error_type="prompt_type",
+                      custom_error_message="prompt is a string or a list of strings"),
+    ]
     max_tokens: int | None = Field(16, ge=1, le=HARD_MAX_NEW_TOKENS)
     echo: Literal[False] = Field(False, description="only false (not supported)")
     logprobs: None = Field(None, description="only null (not supported)")
@@ -98,16 +111,20 @@ class CompletionRequest(SamplingFields):
 
     @field_validator("prompt", mode="before")
     @classmethod
-    def _strings(cls, value: Any) -> Any:
+    def _no_token_ids(cls, value: Any) -> Any:
         if isinstance(value, list) and value and isinstance(value[0], int | list):
             raise ValueError("token-id prompts are not supported: send a string or a list of strings")
-        return [value] if isinstance(value, str) else value
+        return value
 
     @model_validator(mode="after")
     def _best_of(self) -> CompletionRequest:
         if self.best_of is not None and self.best_of != self.n:
             raise ValueError("best_of is not supported: leave it out or send it equal to n")
         return self
+
+    @property
+    def prompts(self) -> list[str]:
+        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
 
 
 

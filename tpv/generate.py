@@ -89,7 +89,8 @@ class _Row:
         """Greedy at temperature 0; else a nucleus sample from softmax(logprobs / T)."""
         if self.generator is None:
             return int(logprobs.argmax())
-        probs = torch.softmax(logprobs.float().cpu() / self.params.temperature, dim=-1)
+        top = logprobs.float().cpu()
+        probs = torch.softmax((top - top.max()) / self.params.temperature, dim=-1)  # the best stays 0: no NaN
         if self.params.top_p < 1.0:
             ordered, order = probs.sort(descending=True)
             before = ordered.cumsum(0) - ordered  # mass of the more likely tokens
