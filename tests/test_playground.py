@@ -33,6 +33,7 @@ needs_browser = pytest.mark.skipif(
 APP = "tpv-playground-test"
 PREFIX = "/playground-test"  # under a route prefix: the page must find its files and the API there
 KEY = "playground-key-0123456789"
+TREC_KEY = "trec-only-key-0123456789"  # a key scoped to one task
 TEXT = "a gripping, beautifully acted film"
 WAIT_S = 60
 
@@ -62,7 +63,8 @@ def url(ray_session, tiny_causal_path, store):
 
     model = {"store_uri": store.uri, "backbone": str(tiny_causal_path), "device": "cpu", "torch_threads": 1,
              "reload_interval_s": 60.0, "max_input_tokens": 64}
-    ingress = {"auth": {"keys": [{"sha256": digest(KEY), "name": "page"}]}, "request_timeout_s": 30.0}
+    keys = [{"sha256": digest(KEY), "name": "page"}, {"sha256": digest(TREC_KEY), "name": "trec", "tasks": ["trec"]}]
+    ingress = {"auth": {"keys": keys}, "request_timeout_s": 30.0}
     app = build({"user_config": model, "ray_actor_options": {"num_cpus": 1}, "num_replicas": 1},
                 {"user_config": ingress, "ray_actor_options": {"num_cpus": 0}})
     yield deploy(app, APP, PREFIX)
@@ -121,6 +123,23 @@ def test_heatmap_groups_vectors_by_shape_and_keeps_what_a_key_may_see(tmp_path, 
     scoped = visible(groups, lambda task: task == "rotten_tomatoes")
     assert [g.vector_ids for g in scoped] == [[ids[2], ids[1]]]  # the trec-only group is gone, trec rows too
     assert scoped[0].matrix == [row[:2] for row in six.matrix[:2]]
+
+
+def test_page_files_are_open_and_the_heatmap_route_keeps_to_the_key(url, store, backbone):
+    page = requests.get(f"{url}/", timeout=10)
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert f'src="{PREFIX}/playground/app.js"' in page.text  # the route prefix filled in
+    for name, media in (("app.js", "text/javascript"), ("style.css", "text/css")):
+        asset = requests.get(f"{url}/playground/{name}", timeout=10)
+        assert asset.status_code == 200 and asset.headers["content-type"].startswith(media) and asset.content
+    assert requests.get(f"{url}/playground/index.html", timeout=10).status_code == 401  # not a file server
+
+    assert requests.get(f"{url}/v1/similarity", timeout=10).status_code == 401
+    full = requests.get(f"{url}/v1/similarity", headers={"Authorization": f"Bearer {KEY}"}, timeout=10).json()
+    trec = requests.get(f"{url}/v1/similarity", headers={"Authorization": f"Bearer {TREC_KEY}"}, timeout=10).json()
+    assert [g["tasks"] for g in full["groups"]] == [["rotten_tomatoes", "rotten_tomatoes", "trec"]]
+    assert [(g["vector_ids"], g["matrix"]) for g in trec["groups"]] == [(["trec-v1"], [[1.0]])]
+    assert full["store_version"] == trec["store_version"] == store.version()
 
 
 @needs_browser

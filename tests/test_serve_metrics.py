@@ -186,3 +186,14 @@ def test_composition_labels_are_bounded(monkeypatch):
         InlineComposition.model_validate({"terms": [{"task": "trec", "seeds": [2]}]}))
     assert [metrics._admitted(c, 200) for c in ("a", "b", "none", "c", "d")] == ["a", "b", "none", "c", "other"]
     assert metrics._admitted("fresh", 404) == "unserved" and metrics._admitted("a", 404) == "a"
+
+
+def test_route_labels_are_the_apps_route_templates():
+    from serve.app import api
+    from serve.metrics import RouteLabels
+
+    label = RouteLabels(api.router)
+    cases = {("/v1/classify", ""): "/v1/classify", ("/tpv/v1/classify", "/tpv"): "/v1/classify",
+             ("/tpv/", "/tpv"): "/", ("/tpv", "/tpv"): "/", ("/v1/classify/x", ""): "unmatched",
+             ("/v1/" + "a" * 50, ""): "unmatched", ("/playground/app.js", ""): "/playground/app.js"}
+    assert {key: label({"type": "http", "path": key[0], "root_path": key[1]}) for key in cases} == cases
