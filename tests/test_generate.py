@@ -99,6 +99,16 @@ def test_rows_leave_the_batch_and_each_row_equals_itself_alone(causal):
         assert got == alone
 
 
+def test_seq2seq_rows_leave_the_batch_and_each_equals_itself_alone(t5):
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randn(n, t5.hidden_size, generator=g) * 10 for n in (4, 5, 4)]
+    params = [SamplingParams(max_new_tokens=n) for n in (2, 7, 4)]
+    together = complete(t5, t5.start_decoding(prompts, SOURCES[:3]), params)
+    assert [len(c.token_ids) for c in together] == [2, 7, 4]
+    for prompt, source, p, got in zip(prompts, SOURCES, params, together):
+        assert got == complete(t5, t5.start_decoding(prompt.unsqueeze(0), [source]), [p])[0]
+
+
 def test_stop_strings_end_the_text_before_them_even_when_streamed(causal):
     prompt = causal.prefix(make_origin(causal, 5, 1).unsqueeze(0))
     free = complete(causal, causal.start_decoding(prompt, SOURCES[:1]), [SamplingParams(max_new_tokens=16)])[0]
