@@ -156,11 +156,12 @@ def test_a_pack_needs_one_prompt_length_and_one_backbone(tasks, causal):
 
 
 def test_evaluate_many_gives_each_prompt_its_own_metrics(tasks, causal):
-    names = [tasks["yesno"], tasks["topic"], tasks["trec"], tasks["yesno"], tasks["topic"]]
+    """25 prompts of three tasks (more than one pass holds: PROMPTS_PER_PASS), on splits of different sizes."""
+    names = [tasks["yesno"], tasks["topic"], tasks["trec"], tasks["yesno"], tasks["topic"]] * 5
     prompts = [make_origin(causal, 4, seed) + 0.3 * torch.randn(4, 32, generator=torch.Generator().manual_seed(seed))
                for seed in range(len(names))]
     specs = [get_task(n) for n in names]
-    examples = [load_split(n, "validation", limit=limit, seed=0) for n, limit in zip(names, [24, 7, 18, 5, None])]
+    examples = [load_split(n, "validation", limit=limit, seed=0) for n, limit in zip(names, [24, 7, 18, 5, None] * 5)]
     many = evaluate_many(causal, prompts, specs, examples, batch_size=4)
     for prompt, spec, rows, got in zip(prompts, specs, examples, many):
         # alone: the prompt tensor through the backbone's forward (no cached keys/values), its own labels only
@@ -168,7 +169,6 @@ def test_evaluate_many_gives_each_prompt_its_own_metrics(tasks, causal):
         alone = classification_metrics(spec, scores, [e.label for e in rows])
         assert got["accuracy"] == alone["accuracy"]
         assert got["label_logprob"] == pytest.approx(alone["label_logprob"], abs=1e-5)
-    assert len({round(m["label_logprob"], 4) for m in many}) == len(many)  # five different prompts, five scores
 
 
 def test_auto_pack_size_fills_the_trial_slots_within_half_the_free_memory(tiny_causal_path):

@@ -35,6 +35,10 @@ def label_scores(backbone: Backbone, prompt: Prompt, sources: list[str], labels:
     return torch.cat(parts) if parts else torch.zeros(0, len(labels))
 
 
+#: the most prompts one evaluation pass holds (each brings `batch_size` rows, each row a vocabulary of logits)
+PROMPTS_PER_PASS = 16
+
+
 @dataclass
 class LabelGroup:
     """Prompts whose label sets are scored in one forward pass: `labels` is the union of their sets, `columns[i]`
@@ -149,11 +153,13 @@ def evaluate_many(
     for length in dict.fromkeys(prompts[i].shape[-2] for i in classified):
         same = [i for i in classified if prompts[i].shape[-2] == length]
         for group in label_groups(backbone, [tasks[i].labels for i in same]):
-            group.members = [same[k] for k in group.members]
-            scores = _group_scores(backbone, [p.reshape(p.shape[-2:]) for p in prompts], group, list(examples),
-                                   batch_size)
-            for i, member_scores in zip(group.members, scores):
-                results[i] = classification_metrics(tasks[i], member_scores, [e.label for e in examples[i]])
+            for start in range(0, len(group.members), PROMPTS_PER_PASS):  # bounded rows (and logits) per pass
+                part = LabelGroup(group.labels, [same[k] for k in group.members[start : start + PROMPTS_PER_PASS]],
+                                  group.columns[start : start + PROMPTS_PER_PASS])
+                scores = _group_scores(backbone, [p.reshape(p.shape[-2:]) for p in prompts], part, list(examples),
+                                       batch_size)
+                for i, member_scores in zip(part.members, scores):
+                    results[i] = classification_metrics(tasks[i], member_scores, [e.label for e in examples[i]])
     return results  # type: ignore[return-value]
 
 

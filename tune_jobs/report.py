@@ -163,9 +163,10 @@ def similarity_report(store_uri: str, out_dir: str | Path, backbone_id: str | No
 
 def _cross_origin_for_task(store_uri: str, backbone: dict, task: str, vector_ids: list[str], seeds: list[int],
                            test_examples: int | None, cpus: float) -> list[dict[str, Any]]:
-    """Test metric of every stored vector of `task` on every origin in `seeds`, and of the origins alone."""
+    """Test metric of every stored vector of `task` on every origin in `seeds`, and of the origins alone: every
+    prompt in the same forward passes (`tpv.evaluate.evaluate_many`)."""
     from tpv.backbone import BackboneConfig
-    from tpv.evaluate import evaluate
+    from tpv.evaluate import evaluate_many
     from tpv.prompt import make_origin
     from tpv.store import VectorStore
     from tpv.tasks import get_task, load_split
@@ -179,17 +180,14 @@ def _cross_origin_for_task(store_uri: str, backbone: dict, task: str, vector_ids
     vectors = [store.get(v, bb.backbone_id) for v in vector_ids]
     length = vectors[0].meta.prompt_length
     origins = {s: make_origin(bb, length, s) for s in seeds}
+    cells = [(None, s, origin) for s, origin in origins.items()]
+    cells += [(v, s, v.apply(origin)) for v in vectors for s, origin in origins.items()]
+    scores = evaluate_many(bb, [prompt for _, _, prompt in cells], [spec] * len(cells), [examples] * len(cells))
     rows = []
-    for s, origin in origins.items():
-        score = evaluate(bb, origin.to(bb.device), spec, examples)[spec.metric]
-        rows.append({"task": task, "vector": None, "vector_seed": None, "origin_seed": s, "kind": "origin only",
-                     "metric": spec.metric, "value": score})
-    for v in vectors:
-        for s, origin in origins.items():
-            score = evaluate(bb, v.apply(origin).to(bb.device), spec, examples)[spec.metric]
-            kind = "own origin" if s == v.meta.origin_seed else "other origin"
-            rows.append({"task": task, "vector": v.vector_id, "vector_seed": v.meta.origin_seed, "origin_seed": s,
-                         "kind": kind, "metric": spec.metric, "value": score})
+    for (v, s, _), metrics in zip(cells, scores):
+        kind = "origin only" if v is None else "own origin" if s == v.meta.origin_seed else "other origin"
+        rows.append({"task": task, "vector": v and v.vector_id, "vector_seed": v and v.meta.origin_seed,
+                     "origin_seed": s, "kind": kind, "metric": spec.metric, "value": metrics[spec.metric]})
     return rows
 
 
