@@ -41,8 +41,6 @@ from tpv.store import VectorStore
 pytestmark = pytest.mark.slow
 
 HEAD_IP, NODE2_IP = "127.0.0.1", "127.0.0.2"
-QUESTIONS = [("what is the capital of france?", 4), ("who wrote the book?", 3), ("how many people live there?", 5),
-             ("what does the abbreviation mean?", 0), ("why is the sky blue?", 1), ("what animal is it?", 2)]
 TRAIN = ["max_steps=8", "eval_every=4", "prompt_length=4", "eval_examples=8", "batch_size=4", "warmup_steps=1"]
 SERVE_CONFIG = Path(__file__).resolve().parent.parent / "serve" / "config.yaml"
 REQUESTS = 12  # sequential classify requests: each goes to either replica at random (2**-11 that one gets none)
@@ -106,7 +104,7 @@ def _stop(root: Path) -> None:
 @pytest.fixture(scope="module")
 def cluster(tiny_causal_path) -> Iterator[Cluster]:
     write_builtin_task("imdb", sentiment_rows() * 2)
-    write_builtin_task("trec", [{"text": q, "label": y} for q, y in QUESTIONS] * 3)
+    write_builtin_task("yelp", sentiment_rows(" here") * 2)
     root = Path(tempfile.mkdtemp(prefix="tpvmn-", dir="/tmp"))  # short: Ray's socket paths live under it
     shared = root / "shared"
     decoys = [root / "decoy-store", root / "decoy-ray-results"]
@@ -149,7 +147,7 @@ def swept(cluster, tiny_causal_path) -> list[dict]:
     """A packed sweep: 2 tasks x 2 seeds in packs of 2, so two trials, one per node (each node has one CPU)."""
     _tpv(cluster, "sweep", "--address", cluster.address, "--store", str(cluster.store),
          "--storage-path", str(cluster.storage_path), "--out", str(cluster.root / "reports"),
-         "--name", "multinode", "--tasks", "imdb", "trec", "--seeds", "0", "1", "--pack", "2",
+         "--name", "multinode", "--tasks", "imdb", "yelp", "--seeds", "0", "1", "--pack", "2",
          "--backbones", str(tiny_causal_path), "--cpus-per-trial", "1", "--set", *TRAIN)
     return _trial_results(cluster.storage_path)
 
@@ -160,7 +158,7 @@ def test_packed_sweep_trials_run_on_both_nodes_and_fill_one_store(cluster, swept
     written = {final["vector_id"]: r["node_ip"] for r in swept for final in r["members"].values()}
     assert len(written) == 4 and set(written.values()) == nodes  # each pack trained 2 pairs on its node
     metas = VectorStore(cluster.store).list()
-    assert sorted((m.task, m.origin_seed) for m in metas) == [("imdb", 0), ("imdb", 1), ("trec", 0), ("trec", 1)]
+    assert sorted((m.task, m.origin_seed) for m in metas) == [("imdb", 0), ("imdb", 1), ("yelp", 0), ("yelp", 1)]
     assert set(written) == {m.vector_id for m in metas}  # every pair's vector, from either node, is in the store
 
 
@@ -233,7 +231,7 @@ def test_a_replica_on_each_node_answers_the_same_composition_identically(cluster
     from tpv.tasks import get_task
 
     body = {"inputs": ["the movie was great", "a waste of time, boring", "what is the capital of france?"],
-            "composition": {"terms": [{"task": "imdb"}, {"task": "trec", "weight": 0.5}], "origin_seed": 3},
+            "composition": {"terms": [{"task": "imdb"}, {"task": "yelp", "weight": -0.5}], "origin_seed": 3},
             "task": "imdb"}
     before = {rid: h["batching"]["requests"] for rid, h in _replicas(served).items()}
     answers = []
