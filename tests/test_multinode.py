@@ -170,9 +170,8 @@ def test_store_and_storage_path_were_passed_not_found(cluster, swept):
 
 def _serve_config(cluster: Cluster, path: Path) -> Path:
     """serve/config.yaml as a cluster user would adapt it: one model replica per `tpv_model` slot (one per node),
-    the HTTP proxy on the head only (one machine: two proxies cannot share a port), one torch thread each."""
+    one torch thread each. Its HTTP proxy on every node stays: on one host both share the port (SO_REUSEPORT)."""
     config = yaml.safe_load(SERVE_CONFIG.read_text())
-    config["proxy_location"] = "HeadOnly"
     model = next(d for d in config["applications"][0]["deployments"] if d["name"] == "TPVModel")
     model["ray_actor_options"]["resources"] = {"tpv_model": 1}
     model["user_config"] |= {"torch_threads": 1, "max_input_tokens": 64, "max_prompt_length": 64,
