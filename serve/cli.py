@@ -119,4 +119,6 @@ def main(argv: list[str] | None = None) -> int:
         cli.main(cli_args, prog_name="serve", standalone_mode=False)
     except KeyboardInterrupt:
         pass
+    finally:
+        Path(f.name).unlink(missing_ok=True)  # Serve has read it by now (deployed, or shut down)
     return 0
