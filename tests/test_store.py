@@ -24,6 +24,7 @@ from tpv.store import (
     NotFound,
     StoreConflict,
     StoreError,
+    StoreUnseen,
     UnknownVector,
     VectorStore,
     make_vector_id,
@@ -681,3 +682,42 @@ def test_meta_reads_one_header_and_names_only_what_was_asked(tmp_path):
     with pytest.raises(UnknownVector, match="'nope'") as err:
         store.meta("nope", BB)
     assert v.vector_id not in str(err.value) and str(tmp_path) not in str(err.value)
+
+
+def _make_identity(folder: str, queue) -> None:
+    queue.put(VectorStore(folder).identity())
+
+
+def test_store_identity_is_made_once_and_agreed_by_racing_processes(tmp_path):
+    folder = str(tmp_path / "store")
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_make_identity, args=(folder, queue)) for _ in range(4)]
+    for p in procs:
+        p.start()
+    ids = {queue.get(timeout=60) for _ in procs}
+    for p in procs:
+        p.join()
+    assert len(ids) == 1
+    assert VectorStore(folder).identity() == ids.pop()
+
+
+def test_check_identity_refuses_another_folder_and_never_creates_one(tmp_path):
+    shared = VectorStore(tmp_path / "shared")
+    expected = shared.identity()
+    shared.check_identity(expected)
+    elsewhere = VectorStore(tmp_path / "node-local")
+    with pytest.raises(StoreUnseen, match="absent"):
+        elsewhere.check_identity(expected)
+    assert not (tmp_path / "node-local").exists()
+    other = VectorStore(tmp_path / "other")
+    with pytest.raises(StoreUnseen, match=other.identity()):
+        other.check_identity(expected)
+    assert exit_code(StoreUnseen("x")) == 6
+
+
+def test_a_corrupt_identity_file_is_reported_not_replaced(tmp_path):
+    (tmp_path / "store.json").write_text("{not json")
+    with pytest.raises(CorruptVector, match="store id"):
+        VectorStore(tmp_path).identity()
+    assert (tmp_path / "store.json").read_text() == "{not json"

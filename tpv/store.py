@@ -34,6 +34,7 @@ import logging
 import os
 import pathlib
 import posixpath
+import socket
 import time
 import uuid
 from collections.abc import Callable
@@ -44,7 +45,7 @@ import safetensors.torch as st
 import torch
 from pydantic import ValidationError
 
-from tpv.errors import ConflictError, CorruptData, InvalidInput, NotFoundError, TpvError
+from tpv.errors import ConflictError, CorruptData, InvalidInput, NotFoundError, TpvError, Unavailable
 from tpv.names import InvalidName, validate_name
 from tpv.vectors import (
     TaskPromptVector,
@@ -70,6 +71,7 @@ _TENSOR_KEY = "tau"
 _ORIGIN_KEY = "origin"
 _FORMAT = {"tpv": "vector/2"}
 _META_KEY = "meta"
+_IDENTITY = "store.json"
 _MAX_HEADER = 100_000_000  # safetensors' own limit
 _DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -96,6 +98,10 @@ class NotFound(StoreError, NotFoundError):
 
 class UnknownVector(NotFound):
     """No vector with that id (or no vectors for that task)."""
+
+
+class StoreUnseen(StoreError, Unavailable):
+    """This process sees another store (or none) under the job's store URI: a node without the shared folder."""
 
 
 def _no_vector(vector_id: str, backbone_id: str | None) -> str:
@@ -610,6 +616,36 @@ class VectorStore:
         validate_name(backbone_id, "backbone_id")
         files = self._files(self._path(backbone_id, "compositions"), ".json")
         return sorted(i.base_name[: -len(".json")] for i in files)
+
+    # ---- identity ---------------------------------------------------------------------------------------------
+
+    def identity(self) -> str:
+        """The store's id, made once by its first caller. A job reads it where it starts and every trial checks it
+        where it runs (`check_identity`), so a node that has another folder under the same path fails loudly
+        instead of filling a store nobody else reads."""
+        path = self._path(_IDENTITY)
+        if self._read_or_none(path) is None:
+            self._write_atomic(path, json.dumps({"store_id": uuid.uuid4().hex}).encode(), replace=False)
+        return self._identity_at(path)
+
+    def check_identity(self, expected: str) -> None:
+        """Raise StoreUnseen unless this process sees the store whose `identity()` is `expected`; never creates it."""
+        path = self._path(_IDENTITY)
+        found = self._identity_at(path) if self._exists(path) else None
+        if found != expected:
+            raise StoreUnseen(
+                f"the store {self.uri} as seen from {socket.gethostname()} is not the one the job started on "
+                f"(store id {found or 'absent: an empty or missing folder'}, expected {expected}); every node "
+                "must see the same store (a shared folder or bucket; docs/CLUSTER.md)")
+
+    def _identity_at(self, path: str) -> str:
+        try:
+            value = json.loads(self._read(path))["store_id"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise CorruptVector(f"{path}: not a tpv store id file ({exc})") from None
+        if not isinstance(value, str):
+            raise CorruptVector(f"{path}: store_id is not a string")
+        return value
 
     # ---- change detection ---------------------------------------------------------------------------------------
 
