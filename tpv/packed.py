@@ -160,7 +160,9 @@ def _losses(backbone: Backbone, runs: list[_Run], groups: dict[int, LabelGroup |
         by_group.setdefault(-1 if group is None else id(group), []).append(k)
     for members in by_group.values():
         group = groups[runs[members[0]].index]
-        prompts = torch.cat([runs[k].prompt().expand(len(rows[k]), -1, -1) for k in members])
+        # a run alone in its pass broadcasts its prompt exactly as it would alone (bit-identical gradients)
+        prompts = runs[members[0]].prompt() if len(members) == 1 else \
+            torch.cat([runs[k].prompt().expand(len(rows[k]), -1, -1) for k in members])
         sources = [e.source for k in members for e in rows[k]]
         offsets = [0]
         for k in members:

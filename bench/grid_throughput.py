@@ -1,0 +1,161 @@
+"""What packing buys a grid: 8 (task, seed) runs of the same steps and batch, packed in ONE Tune trial
+(`tpv sweep --pack 8`) vs one trial per run (`tpv sweep`, as before packing), side by side in one run.
+
+Both sides get the same CPUs (`--cpus`, default 2) on a local Ray started for that side alone (fresh worker
+processes, so each side's memory is its own): the per-run side runs one-thread trials side by side, the packed
+side one trial with `--cpus` threads. Wall time is the sweep's, from `run_sweep` to its return (Ray's own start
+excluded). Peak memory is the largest sum, over time, of the resident memory of the Ray worker processes of that
+side's Ray (sampled every 0.1 s). Each vector of the packed side is compared with the same pair's vector of the
+per-run side: ||difference|| / ||vector|| (D, the largest over pairs), and the stricter max |difference| /
+max |vector| (`max_abs_diff`: AdamW normalizes every component by its own gradient's size, so float noise from
+the larger matrix products of a shared pass weighs most on the components with the smallest gradients). The
+sides alternate over `--rounds`. Last line JSON:
+
+    {"packed_vs_trials_wall": R, "packed_vs_trials_peak_rss": M, "max_vector_diff": D, ...}
+    R = per-run wall / packed wall (target >= 1.3 on CPU, >= 4 on a GPU); M = packed peak / per-run peak
+    (target <= 0.6); D relative (target <= 1e-4)
+
+    python bench/grid_throughput.py                        # bundled SmolLM2-135M, 4 tasks x 2 seeds, 8 steps
+    python bench/grid_throughput.py --steps 4 --eval-examples 16 --rounds 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+
+class PeakWorkers:
+    """The peak, over time, of the summed resident memory of this Ray's worker processes (the raylet's children)."""
+
+    def __init__(self, interval: float = 0.1):
+        import psutil
+        import ray
+
+        node = ray._private.worker._global_node
+        self.raylet = psutil.Process(node.all_processes["raylet"][0].process.pid)
+        self.interval, self.peak, self._stop = interval, 0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> int:
+        import psutil
+
+        total = 0
+        for proc in self.raylet.children(recursive=True):
+            try:
+                if proc.cmdline()[:1] and proc.cmdline()[0].startswith("ray::"):
+                    total += proc.memory_info().rss
+            except psutil.Error:
+                continue
+        return total
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._sample())
+            time.sleep(self.interval)
+
+    def __enter__(self) -> PeakWorkers:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def side(config, pack: int, cpus: int, work: Path) -> dict:
+    """One side in its own local Ray: wall time, peak worker memory, the vectors it wrote."""
+    import ray
+
+    from tpv.store import VectorStore
+    from tune_jobs.config import Resources
+    from tune_jobs.locations import Locations
+    from tune_jobs.runtime import init_ray
+    from tune_jobs.sweep import run_sweep
+
+    cfg = config.model_copy(update={
+        "name": f"bench-pack{pack}", "fresh": True,
+        "resources": Resources(cpus_per_trial=float(cpus if pack > 1 else 1), pack=pack),
+        "locations": Locations(store=str(work / "store"), storage_path=str(work / "ray_results"), out_dir=str(work)),
+    })
+    init_ray(num_cpus=cpus)
+    try:
+        with PeakWorkers() as memory:
+            start = time.perf_counter()
+            outcome = run_sweep(cfg)
+            wall = time.perf_counter() - start
+    finally:
+        ray.shutdown()
+    if outcome["failed"]:
+        raise SystemExit(f"the pack={pack} side had failed trials:\n{outcome['table']}")
+    store = VectorStore(work / "store")
+    vectors = {(m.task, m.origin_seed): store.get(m.vector_id).tensor for m in store.list()}
+    return {"wall": wall, "peak": memory.peak, "vectors": vectors}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="backbone (default: the bundled SmolLM2-135M)")
+    p.add_argument("--tasks", nargs="+", default=["rotten_tomatoes", "tweets", "sms_spam", "trec"])
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    p.add_argument("--steps", type=int, default=8, help="training steps per run (default 8)")
+    p.add_argument("--eval-examples", type=int, default=32)
+    p.add_argument("--cpus", type=int, default=2, help="CPUs of each side (default 2)")
+    p.add_argument("--rounds", type=int, default=1, help="alternations of the two sides (default 1)")
+    args = p.parse_args(argv)
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from tpv.bundled import DEFAULT_BACKBONE, resolve_model_path
+    from tpv.data_fetch import fetch
+    from tpv.tasks import get_task
+    from tune_jobs.sweep import SweepConfig
+
+    model = args.model or DEFAULT_BACKBONE
+    fetch([t for t in args.tasks if get_task(t).data is None])
+    resolve_model_path(model)
+    train = {"max_steps": args.steps, "eval_every": args.steps, "eval_examples": args.eval_examples}
+    config = SweepConfig(name="bench", tasks=args.tasks, seeds=args.seeds, backbones=[model], train=train)
+    runs = len(config.train_configs())
+    print(f"{runs} runs of {args.steps} steps (preset {config.preset}: batch 8) on {model}, {args.cpus} CPUs a side",
+          flush=True)
+
+    walls: dict[int, list[float]] = {1: [], runs: []}
+    peaks: dict[int, list[int]] = {1: [], runs: []}
+    diffs, abs_diffs = [], []
+    work = Path(tempfile.mkdtemp(prefix="tpv-bench-grid-"))
+    try:
+        for r in range(args.rounds):
+            found = {}
+            for pack in (runs, 1) if r % 2 == 0 else (1, runs):
+                found[pack] = side(config, pack, args.cpus, work / f"r{r}-pack{pack}")
+                walls[pack].append(found[pack]["wall"])
+                peaks[pack].append(found[pack]["peak"])
+                print(f"round {r}: {'packed' if pack > 1 else 'per-run'} {found[pack]['wall']:.1f}s, peak worker "
+                      f"memory {found[pack]['peak'] / 2**30:.2f} GiB", flush=True)
+            packed, single = found[runs]["vectors"], found[1]["vectors"]
+            assert packed.keys() == single.keys() and len(packed) == runs, "both sides store every pair"
+            diffs += [float((packed[k] - single[k]).norm() / single[k].norm()) for k in single]
+            abs_diffs += [float((packed[k] - single[k]).abs().max() / single[k].abs().max()) for k in single]
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(json.dumps({
+        "packed_vs_trials_wall": round(sum(walls[1]) / sum(walls[runs]), 3),
+        "packed_vs_trials_peak_rss": round(statistics.mean(peaks[runs]) / statistics.mean(peaks[1]), 3),
+        "max_vector_diff": max(diffs), "max_abs_diff": max(abs_diffs),
+        "per_run_s": [round(x, 1) for x in walls[1]], "packed_s": [round(x, 1) for x in walls[runs]],
+        "per_run_peak_gib": [round(x / 2**30, 2) for x in peaks[1]],
+        "packed_peak_gib": [round(x / 2**30, 2) for x in peaks[runs]],
+        "runs": runs, "steps": args.steps, "cpus": args.cpus, "model": model,
+    }))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
