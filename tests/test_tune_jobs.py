@@ -358,3 +358,24 @@ def test_pack_flag():
     assert (pack(), pack("--pack"), pack("--pack", "4")) == (1, "auto", 4)
     with pytest.raises(SystemExit):
         pack("--pack", "0")
+
+
+def test_a_trial_that_sees_another_store_fails_before_any_work(tiny_causal_path, tasks, tmp_path):
+    """What a node without the shared store sees (its own empty folder under the store's path) is refused: the
+    trial fails with the store named, instead of training and writing a vector nobody else reads."""
+    import shutil
+
+    from tpv.train import TrainConfig
+    from tune_jobs.grid import run_grid, specs_space
+    from tune_jobs.trial import TrialSpec
+
+    store = tmp_path / "store"
+    cfg = TrainConfig(task="imdb", backbone={"model": str(tiny_causal_path)}, progress=False, **TRAIN)
+    space = specs_space([TrialSpec(label="imdb/s0", train=cfg, output_store=str(store))])
+    assert (store / "store.json").is_file()  # the driver made the store's id
+    shutil.rmtree(store)
+    (outcome,) = run_grid(space, experiment="unseen-store", storage_path=str(tmp_path / "ray_results"),
+                          max_failures=0, restore=False)
+    assert outcome.error is not None and "not the one the job started on" in outcome.error
+    assert str(store) in outcome.error
+    assert not store.exists()  # the trial neither created the folder nor wrote into it

@@ -636,7 +636,8 @@ class VectorStore:
             raise StoreUnseen(
                 f"the store {self.uri} as seen from {socket.gethostname()} is not the one the job started on "
                 f"(store id {found or 'absent: an empty or missing folder'}, expected {expected}); every node "
-                "must see the same store (a shared folder or bucket; docs/CLUSTER.md)")
+                "must see the same store (a shared folder or bucket; docs/CLUSTER.md), and a job interrupted before its "
+                "store was replaced must start afresh")
 
     def _identity_at(self, path: str) -> str:
         try:

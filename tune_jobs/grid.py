@@ -142,10 +142,22 @@ def specs_space(specs: Sequence[TrialSpec], pack: int = 1, recompute: bool = Fal
     (`recompute`: its layers' activations are recomputed in the backward pass, see `plan_packs`)."""
     from ray import tune
 
+    specs = with_store_ids(specs)
     if pack <= 1:
         return {"spec": tune.grid_search([s.model_dump(mode="json") for s in specs])}
     return {"pack": tune.grid_search([[s.model_dump(mode="json") for s in p] for p in pack_specs(specs, pack)]),
             "recompute": recompute}
+
+
+def with_store_ids(specs: Sequence[TrialSpec]) -> list[TrialSpec]:
+    """The specs with the identity of every store they name, read here on the driver, so each trial can check that
+    its node sees the same store (a node with its own folder under that path would fill a store nobody reads)."""
+    from tpv.store import VectorStore
+
+    uris = {uri for s in specs for uri in (s.output_store, s.source_store) if uri}
+    ids = {uri: VectorStore(uri).identity() for uri in uris}
+    return [s.model_copy(update={"store_ids": {u: ids[u] for u in (s.output_store, s.source_store) if u}})
+            for s in specs]
 
 
 def pack_specs(specs: Sequence[TrialSpec], size: int) -> list[list[TrialSpec]]:

@@ -37,6 +37,9 @@ class TrialSpec(BaseModel):
     source_store: str | None = Field(None, description="store the init reads vectors from (SPoT / TPV inits)")
     output_store: str | None = Field(None, description="store the finished vector is written to (None: not kept)")
     source_tag: str | None = Field(None, description="VectorMeta.source of the written vector")
+    store_ids: dict[str, str] = Field(default_factory=dict, description="VectorStore.identity() of each store above, "
+                                      "as the driver saw it (`grid.specs_space` fills it); the trial refuses to run "
+                                      "where it sees another store under that URI")
     skip_if_stored: bool = Field(True, description="skip when output_store already has this (backbone, task, seed, "
                                  "L) from this source_tag")
     snapshot_steps: list[int] = Field(default_factory=list, description="also store the prompt as it is at these "
@@ -129,6 +132,8 @@ def train_trial(config: dict[str, Any], after_checkpoint: Callable[[TrialSpec, i
     from tpv.train import initial_prompt, prompt_length_for
 
     specs = trial_specs(config)
+    for uri, store_id in {u: i for spec in specs for u, i in spec.store_ids.items()}.items():
+        VectorStore(uri).check_identity(store_id)  # a node without the shared store fails here, before any work
     packed = "pack" in config
     set_threads(specs[0].cpus)
     started = time.perf_counter()
