@@ -28,6 +28,7 @@ from typing import Any
 from tpv.bundled import DEFAULT_BACKBONE
 from tpv.paths import atomic_write
 from tpv.train import PRESETS
+from tune_jobs.config import add_resource_args
 from tune_jobs.locations import Locations, add_location_args, locations_from_args
 from tune_jobs.runtime import init_ray
 from tune_jobs.tables import markdown_table
@@ -63,8 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--transfer-seeds", nargs="+", type=int, default=TRANSFER["seeds"],
                    help="origins of the transfer runs and of the served composition (default 10)")
     p.add_argument("--backbone", default=DEFAULT_BACKBONE, help=f"default {DEFAULT_BACKBONE}")
-    p.add_argument("--cpus-per-trial", type=float, default=1.0)
-    p.add_argument("--gpus-per-trial", type=float, default=0.0)
+    add_resource_args(p)
     p.add_argument("--skip-serve", action="store_true", help="stop after the transfer (no Serve app)")
     add_location_args(p)
     return p
@@ -100,13 +100,13 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     loc = locations_from_args(args)
     sources = args.sources or DEMO_TARGET.get(args.target) or args.tasks[:2]
-    from tune_jobs.config import JobConfigError, Resources
+    from tune_jobs.config import JobConfigError, Resources, resources_from_args
 
     missing = [s for s in sources if s not in args.tasks]
     if missing:
         raise JobConfigError(f"transfer sources {missing} are not among the sweep tasks {args.tasks}")
     where = Locations(**loc.model_dump())
-    resources = Resources(cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial)
+    resources = Resources(**resources_from_args(args, {}))
 
     stage(1, "data and model")
     from tpv.bundled import resolve_model_path
@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         stage(6, "serve skipped (--skip-serve)")
     else:
         stage(6, f"serve: the TPV composition `{name}` classifies {args.target} test sentences over HTTP")
-        summary |= serve_stage(args, loc.store, sources, vectors, name)
+        summary |= serve_stage(args, loc.store, sources, vectors, name, resources.cpus_per_trial)
     summary["minutes"] = round((time.perf_counter() - started) / 60, 2)
 
     stage(7, f"done in {summary['minutes']:.1f} min")
@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def serve_stage(args, store_uri: str, sources: list[str], vectors: str, name: str) -> dict[str, Any]:
+def serve_stage(args, store_uri: str, sources: list[str], vectors: str, name: str, cpus: float) -> dict[str, Any]:
     """Store the target's TPV composition (the sources' seed-mean vectors summed on the first transfer origin), serve
     it, and compare the served scores with tpv's own."""
     from tpv.backbone import backbone_id_for
@@ -211,7 +211,7 @@ def serve_stage(args, store_uri: str, sources: list[str], vectors: str, name: st
     spec = body.applied(bb_id, args.transfer_seeds[0], prompt_length_of(store, bb_id, body))
     Composer(store, lambda n, s: None).save_named(name, spec, overwrite=True)
     examples = load_split(args.target, "test", limit=TRANSFER["test_examples"], seed=0)
-    check = serve_and_check(store_uri, args.backbone, name, args.target, examples, num_cpus=args.cpus_per_trial)
+    check = serve_and_check(store_uri, args.backbone, name, args.target, examples, num_cpus=cpus)
     print(f"served {check.examples} sentences at {check.url} in {check.seconds:.0f}s: accuracy "
           f"{check.served_accuracy:.3f} (offline {check.offline_accuracy:.3f}), largest probability difference "
           f"{check.max_prob_diff:.2e}", flush=True)
