@@ -19,7 +19,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 sys.path.insert(0, str(Path(__file__).parent))
 
-from tiny_models import build_tiny_causal, build_tiny_t5  # noqa: E402
+from tiny_models import build_tiny_causal, build_tiny_t5
 
 
 @pytest.fixture(scope="session")
@@ -30,6 +30,14 @@ def tiny_causal_path(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_t5_path(tmp_path_factory) -> Path:
     return build_tiny_t5(tmp_path_factory.mktemp("models") / "tiny-t5")
+
+
+@pytest.fixture(scope="session")
+def backbone(tiny_causal_path):
+    """The tiny causal model, loaded once for the serve tests' stores and offline references (never modified)."""
+    from tpv.backbone import Backbone, BackboneConfig
+
+    return Backbone.load(BackboneConfig(model=str(tiny_causal_path), device="cpu"))
 
 
 @pytest.fixture(scope="session")

@@ -18,7 +18,6 @@ from test_serve_http import _vector, deploy
 
 from serve.auth import digest
 from serve.similarity import similarity_groups, visible
-from tpv.backbone import Backbone, BackboneConfig
 from tpv.store import VectorStore
 from tpv.vectors import TaskPromptVector, similarity_matrix
 
@@ -36,11 +35,6 @@ KEY = "playground-key-0123456789"
 TREC_KEY = "trec-only-key-0123456789"  # a key scoped to one task
 TEXT = "a gripping, beautifully acted film"
 WAIT_S = 60
-
-
-@pytest.fixture(scope="module")
-def backbone(tiny_causal_path) -> Backbone:
-    return Backbone.load(BackboneConfig(model=str(tiny_causal_path), device="cpu"))
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +143,7 @@ def test_page_shows_the_store_and_follows_a_weight_slider(url, browser, store, b
     from selenium.webdriver.support.ui import WebDriverWait
 
     wait = WebDriverWait(browser, WAIT_S)
-    text_of = lambda element_id: browser.find_element(By.ID, element_id).text  # noqa: E731
+    text_of = lambda element_id: browser.find_element(By.ID, element_id).text
     browser.get(f"{url}/")
 
     # keys apply to the page's calls: without one it shows the API's 401

@@ -15,7 +15,6 @@ import requests
 from test_serve_http import TEXTS, L, _vector, deploy
 
 from serve.auth import digest
-from tpv.backbone import Backbone, BackboneConfig
 from tpv.store import VectorStore
 
 APP = "tpv-hostile-test"
@@ -28,11 +27,6 @@ SLOTS = 8
 
 def _auth(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
-
-
-@pytest.fixture(scope="module")
-def backbone(tiny_causal_path) -> Backbone:
-    return Backbone.load(BackboneConfig(model=str(tiny_causal_path), device="cpu"))
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import pytest
 import requests
 import torch
 
-from tpv.backbone import Backbone, BackboneConfig
+from tpv.backbone import Backbone
 from tpv.compose import Composer, CompositionSpec
 from tpv.prompt import make_origin
 from tpv.store import VectorStore
@@ -42,11 +42,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def backbone(tiny_causal_path) -> Backbone:
-    return Backbone.load(BackboneConfig(model=str(tiny_causal_path), device="cpu"))
 
 
 @pytest.fixture(scope="module")

@@ -15,17 +15,11 @@ from test_serve_http import TEXTS, L, _vector, deploy
 
 from serve.metrics import composition_label
 from serve.schemas import InlineComposition
-from tpv.backbone import Backbone, BackboneConfig
 from tpv.store import VectorStore
 
 EXPORT_DEADLINE_S = 90
 _APPS = itertools.count()
 OUR_LABELS = ("route", "composition", "status", "kind", "le")
-
-
-@pytest.fixture(scope="module")
-def backbone(tiny_causal_path) -> Backbone:
-    return Backbone.load(BackboneConfig(model=str(tiny_causal_path), device="cpu"))
 
 
 @pytest.fixture(scope="module")
