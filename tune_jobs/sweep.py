@@ -163,7 +163,8 @@ def _outcome_row(outcome: GridOutcome, several: bool) -> dict[str, Any]:
     from tpv.tasks import get_task
 
     cfg, m = outcome.spec.train, outcome.metrics
-    status = "failed" if outcome.error else "in store" if m.get("skipped") else "trained"
+    status = ("failed" if outcome.error else "in store" if m.get("skipped") else "trained" if m.get("done")
+              else "not finished (interrupted: run the same command again)")
     if m.get("resumed_from") and status == "trained":
         status = f"trained (resumed at step {int(m['resumed_from'])})"
     return {"pair": label(cfg, several), "status": status, "metric": get_task(cfg.task).metric,
