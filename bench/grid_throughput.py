@@ -23,13 +23,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import statistics
 import tempfile
 import threading
 import time
 from pathlib import Path
+
+from grid_args import add_grid_args, prepared_model
 
 
 class PeakWorkers:
@@ -102,24 +103,12 @@ def side(config, pack: int, cpus: int, work: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None, help="backbone (default: the bundled SmolLM2-135M)")
-    p.add_argument("--tasks", nargs="+", default=["rotten_tomatoes", "tweets", "sms_spam", "trec"])
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
-    p.add_argument("--steps", type=int, default=8, help="training steps per run (default 8)")
-    p.add_argument("--eval-examples", type=int, default=32)
-    p.add_argument("--cpus", type=int, default=2, help="CPUs of each side (default 2)")
-    p.add_argument("--rounds", type=int, default=1, help="alternations of the two sides (default 1)")
+    add_grid_args(p, ["rotten_tomatoes", "tweets", "sms_spam", "trec"], steps=8, cpus_help="CPUs of each side", rounds=1)
     args = p.parse_args(argv)
 
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from tpv.bundled import DEFAULT_BACKBONE, resolve_model_path
-    from tpv.data_fetch import fetch
-    from tpv.tasks import get_task
     from tune_jobs.sweep import SweepConfig
 
-    model = args.model or DEFAULT_BACKBONE
-    fetch([t for t in args.tasks if get_task(t).data is None])
-    resolve_model_path(model)
+    model = prepared_model(args)
     train = {"max_steps": args.steps, "eval_every": args.steps, "eval_examples": args.eval_examples}
     config = SweepConfig(name="bench", tasks=args.tasks, seeds=args.seeds, backbones=[model], train=train)
     runs = len(config.train_configs())

@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import statistics
 import tempfile
 import time
 from pathlib import Path
+
+from grid_args import add_grid_args, prepared_model
 
 
 def serial(configs, store_dir: Path, threads: int) -> float:
@@ -59,25 +60,13 @@ def swept(config, store_dir: Path, results_dir: Path, round_no: int) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None, help="backbone (default: the bundled SmolLM2-135M)")
-    p.add_argument("--tasks", nargs="+", default=["rotten_tomatoes", "trec"])
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
-    p.add_argument("--steps", type=int, default=12, help="training steps per trial (default 12)")
-    p.add_argument("--eval-examples", type=int, default=32)
-    p.add_argument("--cpus", type=int, default=2, help="total CPUs of both sides (default 2)")
-    p.add_argument("--rounds", type=int, default=2, help="alternations of serial and sweep (default 2)")
+    add_grid_args(p, ["rotten_tomatoes", "trec"], steps=12, cpus_help="total CPUs of both sides", rounds=2)
     args = p.parse_args(argv)
 
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from tpv.bundled import DEFAULT_BACKBONE, resolve_model_path
-    from tpv.data_fetch import fetch
-    from tpv.tasks import get_task
     from tune_jobs.runtime import init_ray
     from tune_jobs.sweep import Resources, SweepConfig
 
-    model = args.model or DEFAULT_BACKBONE
-    fetch([t for t in args.tasks if get_task(t).data is None])
-    resolve_model_path(model)
+    model = prepared_model(args)
     train = {"prompt_length": 10, "max_steps": args.steps, "eval_every": max(1, args.steps // 2),
              "eval_examples": args.eval_examples, "batch_size": 8, "warmup_steps": 2,
              "backbone": {"max_source_tokens": 64}}

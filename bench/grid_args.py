@@ -1,0 +1,30 @@
+"""The command line both grid benchmarks share (which model, tasks, seeds, steps, CPUs, rounds) and their set-up:
+the tasks' data fetched and the model converted before anything is timed."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+
+def add_grid_args(p: argparse.ArgumentParser, tasks: list[str], steps: int, cpus_help: str, rounds: int) -> None:
+    p.add_argument("--model", default=None, help="backbone (default: the bundled SmolLM2-135M)")
+    p.add_argument("--tasks", nargs="+", default=tasks)
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    p.add_argument("--steps", type=int, default=steps, help=f"training steps per run (default {steps})")
+    p.add_argument("--eval-examples", type=int, default=32)
+    p.add_argument("--cpus", type=int, default=2, help=f"{cpus_help} (default 2)")
+    p.add_argument("--rounds", type=int, default=rounds, help=f"alternations of the two sides (default {rounds})")
+
+
+def prepared_model(args: argparse.Namespace) -> str:
+    """The backbone to run, with its data and converted weights in place (not timed)."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from tpv.bundled import DEFAULT_BACKBONE, resolve_model_path
+    from tpv.data_fetch import fetch
+    from tpv.tasks import get_task
+
+    model = args.model or DEFAULT_BACKBONE
+    fetch([t for t in args.tasks if get_task(t).data is None])
+    resolve_model_path(model)
+    return model
