@@ -146,11 +146,12 @@ class TPVModel:
                                     f"{settings.max_input_tokens}")
         return lengths
 
-    def _prepare(self, ref: InlineComposition | str, sources: list[str]) -> tuple[CompositionSpec, PromptEntry]:
+    def _prepare(self, ref: InlineComposition | str | ModelName,
+                 sources: list[str]) -> tuple[CompositionSpec, PromptEntry, list[int]]:
+        """The spec, its cached prompt entry, and each source's token count (limits checked)."""
         spec = self._spec(ref)
-        self._check_tokens(sources)
-        server, _ = self._ready()
-        return spec, server.entry(spec)
+        lengths = self._check_tokens(sources)
+        return spec, self._ready()[0].entry(spec), lengths
 
     def _chunks(self, item_type, entry: PromptEntry, sources: list[str], *extra) -> list:
         size = self._ready()[1].max_batch_size
@@ -196,11 +197,9 @@ class TPVModel:
     def _prepare_generation(self, job: GenerateJob) -> tuple[CompositionSpec, list[GenerateItem], list[int]]:
         """The job's spec, its rows (each source n times, seeds spread over the choices) in chunks of at most
         `max_batch_size` rows, and each source's token count."""
-        spec = self._spec(job.composition)
         sources = self._chat_texts(job.conversations) if job.conversations else job.sources
-        prompt_tokens = self._check_tokens(sources)
-        server, settings = self._ready()
-        entry = server.entry(spec)
+        spec, entry, prompt_tokens = self._prepare(job.composition, sources)
+        settings = self._ready()[1]
         seed = job.params.seed
         params = [job.params if seed is None else job.params.model_copy(update={"seed": seed + k})
                   for k in range(job.n)]
@@ -278,7 +277,7 @@ class TPVModel:
 
     async def score(self, job: ScoreJob) -> ScoreResult:
         """Label log-likelihoods of every source under the job's composition."""
-        spec, entry = await self._run(self._prepare, job.composition, job.sources)
+        spec, entry, _ = await self._run(self._prepare, job.composition, job.sources)
         parts = await self._gather(self._score_batch, self._chunks(ScoreItem, entry, job.sources, tuple(job.labels)))
         scores = torch.cat(parts)
         return ScoreResult(composition=spec.model_dump(mode="json"), log_likelihoods=scores.tolist())
