@@ -3,32 +3,15 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
-from tiny_models import build_tiny_causal
+from tiny_models import build_sharp_causal
 
 from tpv.backbone import Backbone, BackboneConfig
 from tpv.generate import SamplingParams, complete, decode
 from tpv.prompt import make_origin
 
 SOURCES = ["the movie was great", "boring and a waste of time, the film was terrible", "what is the capital?", ""]
-
-
-def build_sharp_causal(path: Path) -> Path:
-    """The tiny causal model with its weights (norms aside) x10. At their random init every prompt gives the same
-    repeated token; sharper weights make the output depend on the prompt, so a comparison of texts can fail."""
-    from transformers import AutoModelForCausalLM
-
-    build_tiny_causal(path)
-    model = AutoModelForCausalLM.from_pretrained(path)
-    with torch.no_grad():
-        for name, weight in model.named_parameters():
-            if "norm" not in name:
-                weight.mul_(10)
-    model.save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -13,8 +13,9 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 import torch
-from test_generate import build_sharp_causal, reference_tokens
+from test_generate import reference_tokens
 from test_serve_http import deploy
+from tiny_models import build_sharp_causal
 
 from serve.auth import digest
 from tpv.backbone import Backbone, BackboneConfig

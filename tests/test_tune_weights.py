@@ -13,6 +13,7 @@ import json
 
 import pytest
 import torch
+from tiny_models import build_sharp_causal
 
 from tpv.paths import data_dir
 
@@ -27,17 +28,7 @@ TEXTS = ["the movie was great", "a waste of time", "great fun", "terrible and bo
 def peaky_model(tiny_causal_path, tmp_path_factory):
     """The tiny model with weights scaled up (std ~0.15 instead of 0.02), so that a 4-row prompt visibly moves
     its label scores; at the default scale a prompt barely matters to a random 2-layer model."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = tmp_path_factory.mktemp("models") / "tiny-peaky"
-    model = AutoModelForCausalLM.from_pretrained(tiny_causal_path)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" not in name:
-                param.mul_(7.5)
-    model.save_pretrained(path)
-    AutoTokenizer.from_pretrained(tiny_causal_path).save_pretrained(path)
-    return path
+    return build_sharp_causal(tmp_path_factory.mktemp("models") / "tiny-peaky", scale=7.5, base=tiny_causal_path)
 
 
 @pytest.fixture(scope="module")
@@ -91,8 +82,8 @@ def test_the_constructed_case_has_an_interior_best(case):
 def test_weight_search_finds_the_known_best(case, tmp_path):
     from tpv.compose import Composer
     from tpv.store import VectorStore
-    from tune_jobs.locations import Locations
     from tune_jobs.config import Resources
+    from tune_jobs.locations import Locations
     from tune_jobs.weights import WeightSearchConfig, run_search
 
     values = case["values"]

@@ -67,3 +67,21 @@ def build_tiny_t5(path: Path, seed: int = 0) -> Path:
     T5ForConditionalGeneration(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def build_sharp_causal(path: Path, scale: float = 10.0, base: Path | None = None) -> Path:
+    """The tiny causal model (or `base`) with its weights, norms aside, times `scale`. At their random init every
+    prompt gives the same repeated token and barely moves label scores; sharper weights make the output depend on
+    the prompt, so comparisons of texts or scores can fail."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = base or build_tiny_causal(path)
+    model = AutoModelForCausalLM.from_pretrained(source)
+    with torch.no_grad():
+        for name, weight in model.named_parameters():
+            if "norm" not in name:
+                weight.mul_(scale)
+    model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(source).save_pretrained(path)
+    return path
