@@ -6,7 +6,9 @@ Task data is written as `tpv data fetch` writes it (`data_dir()/<task>/{train,va
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -160,6 +162,41 @@ def test_interrupted_sweep_resumes_with_tuner_restore(tiny_causal_path, tasks, t
     assert "(Tuner.restore)" in capsys.readouterr().out
     assert outcome["rows"][0]["status"].startswith("trained") and outcome["failed"] == 0
     assert [(m.task, m.origin_seed) for m in VectorStore(store).list()] == [("imdb", 0)]
+
+
+def test_a_sweep_stopped_with_ctrl_c_reports_its_unfinished_pairs(tiny_causal_path, tasks, tmp_path, ray_session):
+    """Ctrl-C (SIGINT) while the first of two trials runs (one at a time): Tune stops, and the sweep still writes its
+    table, with both pairs not finished (the second never started), no traceback; running it again finishes both."""
+    from tune_jobs.config import Resources
+    from tune_jobs.sweep import run_sweep
+
+    store = tmp_path / "store"
+    config = sweep_config(tiny_causal_path, store, ["imdb"], [0, 1], name="ctrl-c",
+                          train={**TRAIN, "max_steps": 400, "eval_every": 20}, resources=Resources(max_concurrent=1))
+    script = (
+        "import json; from tune_jobs.sweep import SweepConfig, run_sweep; "
+        f"out = run_sweep(SweepConfig.model_validate_json({config.model_dump_json()!r})); "
+        "print(json.dumps([[r['pair'], r['status']] for r in out['rows']]))"
+    )
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    driver = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True)
+    deadline = time.monotonic() + 120
+    try:
+        while not list((tmp_path / "ray_results").glob("*/*/checkpoint_*")):  # the first trial is training
+            assert driver.poll() is None and time.monotonic() < deadline, driver.communicate()[1][-2000:]
+            time.sleep(0.2)
+        driver.send_signal(signal.SIGINT)
+        out, err = driver.communicate(timeout=120)
+    finally:
+        driver.kill()
+    assert driver.returncode == 0 and "Traceback" not in err, err[-2000:]
+    unfinished = "not finished (interrupted: run the same command again)"
+    assert json.loads(out.strip().splitlines()[-1]) == [["imdb/s0", unfinished], ["imdb/s1", unfinished]]
+    assert VectorStore(store).list() == []
+    again = run_sweep(config)
+    assert [r["status"].startswith("trained") for r in again["rows"]] == [True, True]
+    assert sorted(m.origin_seed for m in VectorStore(store).list()) == [0, 1]
 
 
 def test_similarity_report_tables_and_heatmap(swept, tmp_path):

@@ -249,6 +249,8 @@ def run_grid(
         )
     outcomes = []
     for result in tuner.fit():
+        if result.config is None:  # a trial that never started: the run was interrupted first (_never_started)
+            continue
         config, metrics = dict(result.config), dict(result.metrics or {})
         error = None if result.error is None else _one_line(result.error)
         if "pack" in config:  # one outcome per run of the pack
@@ -257,7 +259,18 @@ def run_grid(
                                      path=str(result.path)) for spec in config["pack"]]
         else:
             outcomes.append(GridOutcome(config=config, metrics=metrics, error=error, path=str(result.path)))
-    return outcomes
+    return outcomes + _never_started(param_space, outcomes)
+
+
+def _never_started(param_space: dict[str, Any], outcomes: list[GridOutcome]) -> list[GridOutcome]:
+    """The runs of a grid of specs (`specs_space`) that have no outcome, with no metrics: a run interrupted (Ctrl-C)
+    before their trials started; running the job again starts them."""
+    grid = param_space.get("spec", param_space.get("pack"))
+    if not isinstance(grid, dict) or "grid_search" not in grid:
+        return []
+    specs = grid["grid_search"] if "spec" in param_space else [s for pack in grid["grid_search"] for s in pack]
+    seen = {o.config["spec"]["label"] for o in outcomes if "spec" in o.config}
+    return [GridOutcome(config={"spec": s}, metrics={}) for s in specs if s["label"] not in seen]
 
 
 def _one_line(error: BaseException) -> str:
