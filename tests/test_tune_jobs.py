@@ -397,6 +397,19 @@ def test_pack_flag():
         pack("--pack", "0")
 
 
+def test_a_trials_memory_is_measured_where_trials_run_and_shared_by_the_trials_of_a_node(ray_session):
+    """The session's Ray node has 2 CPUs: two 1-CPU trials share its available memory, one 2-CPU trial has it all."""
+    from tpv.packed import free_memory_bytes
+    from tune_jobs.config import Resources
+    from tune_jobs.grid import trial_memory
+
+    machine = free_memory_bytes("cpu")
+    one, two = trial_memory(Resources(cpus_per_trial=1), "cpu"), trial_memory(Resources(cpus_per_trial=2), "cpu")
+    alone = trial_memory(Resources(cpus_per_trial=1, max_concurrent=1), "cpu")
+    assert two == pytest.approx(machine, rel=0.2) and alone == pytest.approx(machine, rel=0.2)
+    assert one == pytest.approx(two / 2, rel=0.2)
+
+
 def test_a_trial_that_sees_another_store_fails_before_any_work(tiny_causal_path, tasks, tmp_path):
     """What a node without the shared store sees (its own empty folder under the store's path) is refused: the
     trial fails with the store named, instead of training and writing a vector nobody else reads."""

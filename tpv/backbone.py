@@ -319,9 +319,14 @@ class Backbone:
     # ---- what callers use -------------------------------------------------------------------------------------
     def loss(self, prompt: Prompt, sources: list[str], targets: list[str]) -> Tensor:
         """Mean token cross-entropy of the targets (causal targets end in EOS so generation stops)."""
-        self._check_rows(prompt, len(sources))
-        logp, _ = self._target_logprobs(prompt, sources, self._target_ids(targets, eos=True))
+        logp, _ = self.target_logprobs(prompt, sources, targets)
         return -logp.mean()
+
+    def target_logprobs(self, prompt: Prompt, sources: list[str], targets: list[str]) -> tuple[Tensor, Tensor]:
+        """The log-probability of every target token (targets end in EOS) and the row each token belongs to: the
+        terms of `loss`, so a batch of rows from several runs yields each run's own loss."""
+        self._check_rows(prompt, len(sources))
+        return self._target_logprobs(prompt, sources, self._target_ids(targets, eos=True))
 
     @torch.no_grad()
     def score_labels(self, prompt: Prompt, sources: list[str], labels: list[str]) -> Tensor:

@@ -187,8 +187,7 @@ def _pass_losses(backbone: Backbone, runs: list[_Run], group: LabelGroup | None,
             gold = torch.tensor([int(e.label) for e in mine], dtype=torch.long, device=scores.device)
             losses.append(torch.nn.functional.cross_entropy(scores[offsets[j] : offsets[j + 1], cols], gold))
         return losses
-    targets = backbone._target_ids([e.target for mine in rows for e in mine], eos=True)
-    logp, row_of = backbone._target_logprobs(prompts, sources, targets)  # per-token, with its row
+    logp, row_of = backbone.target_logprobs(prompts, sources, [e.target for mine in rows for e in mine])
     return [-logp[(row_of >= offsets[j]) & (row_of < offsets[j + 1])].mean() for j in range(len(runs))]
 
 

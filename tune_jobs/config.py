@@ -133,8 +133,9 @@ def add_resource_args(parser) -> None:
     parser.add_argument("--gpus-per-trial", type=float, help="GPU (fraction) per trial, e.g. 0.25 (default 0)")
     parser.add_argument("--max-concurrent", type=int, help="at most this many trials at once")
     parser.add_argument("--pack", nargs="?", const="auto", type=_pack_size, metavar="K",
-                        help="train K runs per trial as one pack (the model loaded once, one forward and backward per "
-                        "step); --pack alone: K from the device's memory (default 1: one run per trial)")
+                        help="train K runs per trial as one pack (the model loaded once; on a GPU one forward and "
+                        "backward per step for all K); --pack alone: K from the memory of a node trials run on "
+                        "(default 1: one run per trial)")
 
 
 def _pack_size(value: str) -> int | str:

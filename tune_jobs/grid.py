@@ -5,7 +5,7 @@ progress line per event, and resumes an interrupted experiment of the same name 
 (Optuna through `ray.tune.search`) goes through the same function with `search`.
 
 Packs: `specs_space(specs, pack=K)` puts the runs in packs of up to K (`pack_specs`), one Tune trial per pack
-(`tpv.packed.train_pack`: the model loaded once, one forward and backward per step); `run_grid` gives every run of
+(`tpv.packed.train_pack`: the model loaded once, shared passes on a GPU); `run_grid` gives every run of
 a pack its own `GridOutcome`, so jobs read packed and unpacked grids alike. `plan_packs` resolves `--pack` (K, and
 whether a pack recomputes activations to fit its memory).
 """
@@ -178,10 +178,10 @@ def plan_packs(resources: Resources, specs: Sequence[TrialSpec]) -> tuple[int, b
     """(K, recompute) for `specs_space`: K is `resources.pack`, or for "auto" what a trial's share of the device's
     memory holds (`tpv.packed.auto_pack_size`), no more than keeps every trial slot of the cluster busy
     (ceil(runs / slots)); a pack whose activations would not fit its share recomputes them (`tpv.packed.pack_fits`).
-    The memory is the driver's view: on a cluster whose head has no GPU, give K explicitly."""
+    The memory is measured where trials run (`trial_memory`), not on the driver."""
     import ray
 
-    from tpv.packed import auto_pack_size, free_memory_bytes, pack_fits
+    from tpv.packed import auto_pack_size, pack_fits
 
     if resources.pack == 1 or not specs:
         return 1, False
@@ -191,13 +191,34 @@ def plan_packs(resources: Resources, specs: Sequence[TrialSpec]) -> tuple[int, b
         slots = min(slots, int(cluster.get("GPU", 0) // resources.gpus_per_trial))
     slots = max(1, min(slots, resources.max_concurrent or slots))
     device = "cuda" if resources.gpus_per_trial else "cpu"
-    share = min(resources.gpus_per_trial, 1.0) if resources.gpus_per_trial else 1.0 / slots
-    free = int(free_memory_bytes(device) * share)
+    free = trial_memory(resources, device)
     configs = [s.train for s in specs]
     if resources.pack == "auto":
         return auto_pack_size(configs, slots, free, device), False
     size = min(resources.pack, len(specs))
     return size, not pack_fits(configs, size, free, device)
+
+
+def trial_memory(resources: Resources, device: str) -> int:
+    """Bytes of memory one trial may use, measured on a node trials run on (the driver's machine may be a head
+    without the trials' GPU, or smaller than the workers) by a task that holds one trial's resources: a GPU trial
+    gets its GPU fraction of the device's free memory; a CPU trial its share of the machine's available memory, shared
+    by the trials that node runs at once."""
+    import ray
+
+    from tpv.packed import free_memory_bytes
+
+    @ray.remote(num_cpus=resources.cpus_per_trial, num_gpus=resources.gpus_per_trial)
+    def measure() -> tuple[int, float]:
+        node = ray.get_runtime_context().get_node_id()
+        return free_memory_bytes(device), next(n["Resources"].get("CPU", 1.0) for n in ray.nodes()
+                                               if n["NodeID"] == node)
+
+    free, node_cpus = ray.get(measure.remote())
+    if resources.gpus_per_trial:
+        return int(free * min(resources.gpus_per_trial, 1.0))
+    at_once = max(1, min(int(node_cpus // resources.cpus_per_trial), resources.max_concurrent or math.inf))
+    return int(free / at_once)
 
 
 def run_grid(
