@@ -168,6 +168,20 @@ def test_store_and_storage_path_were_passed_not_found(cluster, swept):
     assert any(cluster.storage_path.glob("multinode-*/*/checkpoint_*"))  # checkpoints went where we said
 
 
+def test_trials_that_hold_a_custom_resource_run_only_on_the_nodes_that_have_it(cluster, swept, tiny_causal_path):
+    """`--trial-resources node2=1`: every trial (and the probe that sizes a pack's memory) needs `node2`, which only
+    the second node has, so both packs run there, one after the other."""
+    storage = cluster.root / "pinned_results"
+    _tpv(cluster, "sweep", "--address", cluster.address, "--store", str(cluster.store), "--storage-path", str(storage),
+         "--out", str(cluster.root / "reports"), "--name", "pinned", "--tasks", "imdb", "yelp", "--seeds", "2", "3",
+         "--pack", "2", "--trial-resources", "node2=1", "--backbones", str(tiny_causal_path), "--cpus-per-trial", "1",
+         "--set", *TRAIN)
+    pinned = _trial_results(storage)
+    assert len(pinned) == 2 and {r["node_ip"] for r in pinned} == {NODE2_IP}, [r["node_ip"] for r in pinned]
+    stored = {(m.task, m.origin_seed) for m in VectorStore(cluster.store).list()}
+    assert {("imdb", 2), ("imdb", 3), ("yelp", 2), ("yelp", 3)} <= stored
+
+
 def _serve_config(cluster: Cluster, path: Path) -> Path:
     """serve/config.yaml as a cluster user would adapt it: one model replica per `tpv_model` slot (one per node),
     one torch thread each. Its HTTP proxy on every node stays: on one host both share the port (SO_REUSEPORT)."""

@@ -395,6 +395,11 @@ def test_pack_flag():
     assert (pack(), pack("--pack"), pack("--pack", "4")) == (1, "auto", 4)
     with pytest.raises(SystemExit):
         pack("--pack", "0")
+    args = build_parser().parse_args(["--tasks", "imdb", "--trial-resources", "tpv_worker=1", "big_mem=0.5"])
+    assert config_from_args(SweepConfig, args, ("tasks",)).resources.custom == {"tpv_worker": 1.0, "big_mem": 0.5}
+    for bad in ("tpv_worker", "=1", "tpv_worker=-1", "tpv_worker=lots"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["--tasks", "imdb", "--trial-resources", bad])
 
 
 def test_a_trials_memory_is_measured_where_trials_run_and_shared_by_the_trials_of_a_node(ray_session):

@@ -146,10 +146,7 @@ def run_addition_job(config: AdditionConfig) -> dict[str, Any]:
     for task in config.tasks:  # fail before Ray starts when a vector is missing or ambiguous
         task_vectors(store, bb_id, task, first.prompt_length, config.seeds, config.vectors_source)
     key = short_hash(config.model_dump(mode="json", exclude=set(config.RUN_ONLY)))
-    run = dict(storage_path=loc.storage_path, cpus=config.resources.cpus_per_trial,
-               gpus=config.resources.gpus_per_trial, max_failures=config.max_failures, restore=not config.fresh,
-               verbose=config.verbose, max_concurrent=config.resources.max_concurrent, reuse_finished=True,
-               name=_trial_label)
+    run = dict(config.grid_args(), reuse_finished=True, name=_trial_label)
     base = dict(store=loc.store, source=config.vectors_source, backbone=backbone, eval_examples=config.eval_examples,
                 test_examples=config.test_examples, cpus=config.resources.cpus_per_trial)
     cells = [(combo, seed) for combo in config.combos() for seed in config.seeds]

@@ -25,8 +25,15 @@ class Resources(BaseModel):
     gpus_per_trial: float = Field(0.0, ge=0, description="e.g. 0.25: four trials share one GPU")
     max_concurrent: int | None = Field(None, ge=1, description="cap on trials running at once")
     pack: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
-        1, description="runs per trial, trained as one pack (tpv.packed): the model loaded once, one forward and "
-        "backward per step; 'auto': as many as the device's memory holds")
+        1, description="runs per trial, trained as one pack (tpv.packed): the model loaded once; 'auto': as many "
+        "as the memory of a node trials run on holds")
+    custom: dict[str, float] = Field(default_factory=dict, description="Ray custom resources each trial holds, "
+                                     "e.g. {'tpv_worker': 1}: trials then run only on nodes started with "
+                                     "`ray start --resources '{\"tpv_worker\": 4}'`")
+
+    def remote_options(self) -> dict[str, Any]:
+        """One trial's resources as `ray.remote` options (Tune's `with_resources` takes the same, by its names)."""
+        return {"num_cpus": self.cpus_per_trial, "num_gpus": self.gpus_per_trial, "resources": dict(self.custom)}
 
 
 class JobConfig(BaseModel):
@@ -45,13 +52,19 @@ class JobConfig(BaseModel):
     #: fields that do not change what a job computes (left out of its experiment key)
     RUN_ONLY: ClassVar[frozenset[str]] = frozenset({"locations", "fresh", "verbose", "resources", "max_failures"})
 
+    def grid_args(self) -> dict[str, Any]:
+        """What every job hands `tune_jobs.grid.run_grid` from its config: where Tune keeps the experiment, each
+        trial's resources, retries, whether to resume, and Tune's verbosity."""
+        return dict(storage_path=self.locations.resolved().storage_path, resources=self.resources,
+                    max_failures=self.max_failures, restore=not self.fresh, verbose=self.verbose)
+
 
 def resources_from_args(args, data: dict[str, Any]) -> dict[str, Any]:
     """The `resources` section of a job config with --cpus-per-trial/--gpus-per-trial/--max-concurrent applied."""
     resources = dict(data.get("resources", {}))
-    for key in ("cpus_per_trial", "gpus_per_trial", "max_concurrent", "pack"):
+    for key in ("cpus_per_trial", "gpus_per_trial", "max_concurrent", "pack", "custom"):
         if getattr(args, key, None) is not None:
-            resources[key] = getattr(args, key)
+            resources[key] = dict(args.custom) if key == "custom" else getattr(args, key)
     return resources
 
 
@@ -132,10 +145,26 @@ def add_resource_args(parser) -> None:
     parser.add_argument("--cpus-per-trial", type=float, help="CPUs per trial; torch threads (default 1)")
     parser.add_argument("--gpus-per-trial", type=float, help="GPU (fraction) per trial, e.g. 0.25 (default 0)")
     parser.add_argument("--max-concurrent", type=int, help="at most this many trials at once")
+    parser.add_argument("--trial-resources", dest="custom", nargs="+", type=_custom_resource, metavar="NAME=AMOUNT",
+                        help="Ray custom resources each trial holds, e.g. tpv_worker=1 (trials then run only on "
+                        "nodes that have them)")
     parser.add_argument("--pack", nargs="?", const="auto", type=_pack_size, metavar="K",
                         help="train K runs per trial as one pack (the model loaded once; on a GPU one forward and "
                         "backward per step for all K); --pack alone: K from the memory of a node trials run on "
                         "(default 1: one run per trial)")
+
+
+def _custom_resource(value: str) -> tuple[str, float]:
+    import argparse
+
+    name, _, amount = value.partition("=")
+    try:
+        number = float(amount)
+    except ValueError:
+        number = -1.0
+    if not name or number < 0:
+        raise argparse.ArgumentTypeError(f"--trial-resources takes NAME=AMOUNT (an amount >= 0), got {value!r}")
+    return name, number
 
 
 def _pack_size(value: str) -> int | str:

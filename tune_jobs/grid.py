@@ -208,7 +208,7 @@ def trial_memory(resources: Resources, device: str) -> int:
 
     from tpv.packed import free_memory_bytes
 
-    @ray.remote(num_cpus=resources.cpus_per_trial, num_gpus=resources.gpus_per_trial)
+    @ray.remote(**resources.remote_options())
     def measure() -> tuple[int, float]:
         node = ray.get_runtime_context().get_node_id()
         return free_memory_bytes(device), next(n["Resources"].get("CPU", 1.0) for n in ray.nodes()
@@ -222,8 +222,8 @@ def trial_memory(resources: Resources, device: str) -> int:
 
 
 def run_grid(
-    param_space: dict[str, Any], *, experiment: str, storage_path: str, cpus: float = 1.0, gpus: float = 0.0,
-    max_failures: int = 2, max_concurrent: int | None = None, restore: bool = True, reuse_finished: bool = False,
+    param_space: dict[str, Any], *, experiment: str, storage_path: str, resources: Resources | None = None,
+    max_failures: int = 2, restore: bool = True, reuse_finished: bool = False,
     verbose: int = 0, job: str = "tune", trainable: Callable[[dict], None] = train_trial,
     search: Search | None = None, name: Callable[[Any], str] | None = None,
 ) -> list[GridOutcome]:
@@ -236,7 +236,9 @@ def run_grid(
     """
     from ray import tune
 
-    trainable = tune.with_resources(trainable, {"cpu": cpus, "gpu": gpus})
+    resources = resources or Resources()
+    trainable = tune.with_resources(trainable, {"cpu": resources.cpus_per_trial, "gpu": resources.gpus_per_trial,
+                                                **resources.custom})
     path = posixpath.join(storage_path, experiment) if _is_uri(storage_path) else str(Path(storage_path) / experiment)
     namer = name or trial_name
     tuner = None
@@ -256,7 +258,7 @@ def run_grid(
             trainable,
             param_space=param_space,
             tune_config=tune.TuneConfig(
-                max_concurrent_trials=max_concurrent, reuse_actors=True, trial_name_creator=namer,
+                max_concurrent_trials=resources.max_concurrent, reuse_actors=True, trial_name_creator=namer,
                 trial_dirname_creator=lambda trial: f"{namer(trial).replace(',', '_')}_{trial.trial_id}", **searching,
             ),
             run_config=tune.RunConfig(
@@ -290,8 +292,8 @@ def _never_started(param_space: dict[str, Any], outcomes: list[GridOutcome]) -> 
     if not isinstance(grid, dict) or "grid_search" not in grid:
         return []
     specs = grid["grid_search"] if "spec" in param_space else [s for pack in grid["grid_search"] for s in pack]
-    seen = {o.config["spec"]["label"] for o in outcomes if "spec" in o.config}
-    return [GridOutcome(config={"spec": s}, metrics={}) for s in specs if s["label"] not in seen]
+    seen = {json.dumps(o.config["spec"], sort_keys=True) for o in outcomes if "spec" in o.config}
+    return [GridOutcome(config={"spec": s}, metrics={}) for s in specs if json.dumps(s, sort_keys=True) not in seen]
 
 
 def _one_line(error: BaseException) -> str:

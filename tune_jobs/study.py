@@ -208,10 +208,7 @@ def run_study(config: StudyConfig) -> dict[str, Any]:
                   cpus=config.resources.cpus_per_trial)
         for name, overrides in recipes.items() for task in config.tasks for seed in config.seeds
     ]
-    run = dict(storage_path=loc.storage_path, cpus=config.resources.cpus_per_trial,
-               gpus=config.resources.gpus_per_trial, max_failures=config.max_failures,
-               max_concurrent=config.resources.max_concurrent, restore=not config.fresh, verbose=config.verbose,
-               reuse_finished=True)
+    run = dict(config.grid_args(), reuse_finished=True)
     init_ray()
     print(f"[study] {len(recipes)} recipe(s) x {len(config.tasks)} tasks x {len(config.seeds)} origins = "
           f"{len(specs)} runs of {max(config.steps)} steps, scored at {config.steps}", flush=True)

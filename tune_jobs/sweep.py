@@ -123,10 +123,8 @@ def run_sweep(config: SweepConfig, trainable: Callable[[dict], None] = train_tri
             print(f"[sweep] {len(specs)} pairs in packs of up to {pack}"
                   f"{' (recomputing activations to fit memory)' if recompute else ''}", flush=True)
         outcomes = run_grid(
-            specs_space(specs, pack, recompute), experiment=experiment, storage_path=loc.storage_path, cpus=config.resources.cpus_per_trial,
-            gpus=config.resources.gpus_per_trial, max_failures=config.max_failures,
-            max_concurrent=config.resources.max_concurrent, restore=not config.fresh, verbose=config.verbose,
-            job="sweep", trainable=trainable,
+            specs_space(specs, pack, recompute), experiment=experiment, job="sweep", trainable=trainable,
+            **config.grid_args(),
         )
         rows += [_outcome_row(o, several) for o in outcomes]
     order = {(label(c, several)): i for i, c in enumerate(configs)}

@@ -154,9 +154,8 @@ def run_transfer(config: TransferConfig) -> dict[str, Any]:
     length = source_prompt_length(store, bb_id, config)
     key = short_hash(config.model_dump(mode="json", exclude=set(config.RUN_ONLY)))
     experiment = f"{config.name}-{key}"
-    cpus, gpus = config.resources.cpus_per_trial, config.resources.gpus_per_trial
-    common = dict(storage_path=loc.storage_path, cpus=cpus, gpus=gpus, max_failures=config.max_failures,
-                  max_concurrent=config.resources.max_concurrent, restore=not config.fresh, verbose=config.verbose)
+    cpus = config.resources.cpus_per_trial
+    common = config.grid_args()
     init_ray()
 
     # 1. probes for tpv_auto: a short run on each (target, seed), its vector kept in a scratch store

@@ -233,9 +233,7 @@ def run_search(config: WeightSearchConfig) -> dict[str, Any]:
     name = config.name or f"{config.target}-tpv"
     key = short_hash(config.model_dump(mode="json", exclude={*config.RUN_ONLY, "save"}))
     init_ray()
-    run = dict(storage_path=loc.storage_path, cpus=config.resources.cpus_per_trial,
-               gpus=config.resources.gpus_per_trial, max_failures=config.max_failures, restore=not config.fresh,
-               verbose=config.verbose, trainable=weight_trial, name=weight_trial_name)
+    run = dict(config.grid_args(), trainable=weight_trial, name=weight_trial_name)
     found: dict[str, dict[str, Any]] = {}
     tables: dict[str, list[dict[str, Any]]] = {}
     n_terms = len(terms)
@@ -256,8 +254,7 @@ def run_search(config: WeightSearchConfig) -> dict[str, Any]:
         else:
             outcomes = run_grid(
                 {"spec": spec.model_dump(mode="json"), "coefficient": tune.grid_search(grid)},
-                experiment=f"{name}-paper-{key}", job="search-weights paper", reuse_finished=True,
-                max_concurrent=config.resources.max_concurrent, **run,
+                experiment=f"{name}-paper-{key}", job="search-weights paper", reuse_finished=True, **run,
             )
             rows = _rows(outcomes, n_terms)
         rows.sort(key=lambda r: r["coefficient"])
@@ -280,7 +277,8 @@ def run_search(config: WeightSearchConfig) -> dict[str, Any]:
         outcomes = run_grid(
             {"spec": spec.model_dump(mode="json"), "coefficient": 1.0, **space}, experiment=f"{name}-weights-{key}",
             job="search-weights per_vector", reuse_finished=True, search=search,
-            max_concurrent=config.resources.max_concurrent or 2, **run,
+            **{**run, "resources": run["resources"].model_copy(  # Optuna learns from finished trials: 2 at a time
+                update={"max_concurrent": config.resources.max_concurrent or 2})},
         )
         rows = [r for r in _rows(outcomes, n_terms) if r.get("done")]
         rows.sort(key=lambda r: -r["objective"])
