@@ -255,6 +255,16 @@ def test_transfer_runs_every_init_and_writes_tables(swept, tiny_causal_path, tmp
     assert all(m.source.startswith("tpv sweep") for m in VectorStore(store).list())
 
 
+def test_transfer_flags_name_the_source_vectors():
+    from tune_jobs.transfer import build_parser, config_from_cli
+
+    args = build_parser().parse_args(["--targets", "snips=trec,bbc_news", "--vectors-source", "tpv sweep mid-1a2b",
+                                      "--vector-seeds", "0", "2", "--shots", "0", "8"])
+    config = config_from_cli(args)
+    assert (config.targets, config.vectors_source, config.vector_seeds, config.shots) == (
+        {"snips": ["trec", "bbc_news"]}, "tpv sweep mid-1a2b", [0, 2], [0, 8])
+
+
 def test_clis_have_help(capsys):
     from tune_jobs import addition, main_job, report, study, sweep, transfer, weights
 

@@ -344,6 +344,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-examples", type=int, help="test examples per cell (default 200)")
     p.add_argument("--tpv-coefficient", type=float, help="coefficient on the sum of source vectors (default 1)")
     p.add_argument("--auto-k", type=int, help="tpv_auto: how many similar tasks to combine (default 2)")
+    p.add_argument("--vectors-source", help="only source vectors one job wrote (their VectorMeta.source, e.g. "
+                   "'tpv sweep mid-1a2b3c4d')")
+    p.add_argument("--vector-seeds", nargs="+", type=int, help="only source vectors of these origin seeds")
     p.add_argument("--set", nargs="+", metavar="KEY=VALUE", help="TrainConfig overrides, e.g. lr=0.1")
     add_resource_args(p)
     p.add_argument("--fresh", action="store_true", help="do not reuse an earlier run of the same experiment")
@@ -365,12 +368,17 @@ def parse_targets(items: list[str]) -> dict[str, list[str]]:
     return targets
 
 
+def config_from_cli(args) -> TransferConfig:
+    """The TransferConfig that `tpv transfer` flags (and its --config file) describe."""
+    return config_from_args(TransferConfig, args, ("name", "shots", "inits", "seeds", "backbone", "preset",
+                                                   "few_shot_steps", "test_examples", "tpv_coefficient", "auto_k",
+                                                   "vectors_source", "vector_seeds", "verbose"),
+                            targets=parse_targets(args.targets) if args.targets else None)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    config = config_from_args(TransferConfig, args, ("name", "shots", "inits", "seeds", "backbone", "preset",
-                                                     "few_shot_steps", "test_examples", "tpv_coefficient", "auto_k",
-                                                     "verbose"),
-                              targets=parse_targets(args.targets) if args.targets else None)
+    config = config_from_cli(args)
     start_ray(args)
     result = run_transfer(config)
     print_result(result)
