@@ -14,7 +14,7 @@ def add_grid_args(p: argparse.ArgumentParser, tasks: list[str], steps: int, cpus
     p.add_argument("--steps", type=int, default=steps, help=f"training steps per run (default {steps})")
     p.add_argument("--eval-examples", type=int, default=32)
     p.add_argument("--cpus", type=int, default=2, help=f"{cpus_help} (default 2)")
-    p.add_argument("--rounds", type=int, default=rounds, help=f"alternations of the two sides (default {rounds})")
+    p.add_argument("--rounds", type=int, default=rounds, help=f"rounds, each running every side once (default {rounds})")
 
 
 def prepared_model(args: argparse.Namespace) -> str:

@@ -1,17 +1,19 @@
 """What packing buys a grid: 8 (task, seed) runs of the same steps and batch, packed in ONE Tune trial
-(`tpv sweep --pack 8`) vs one trial per run (`tpv sweep`, as before packing), side by side in one run.
+(`tpv sweep --pack 8`) vs one trial per run (`tpv sweep`, as before packing), side by side in one run; and, as a
+third side, `tpv sweep --pack` (auto: one 1-CPU pack per CPU).
 
-Both sides get the same CPUs (`--cpus`, default 2) on a local Ray started for that side alone (fresh worker
+Every side gets the same CPUs (`--cpus`, default 2) on a local Ray started for that side alone (fresh worker
 processes, so each side's memory is its own): the per-run side runs one-thread trials side by side, the packed
-side one trial with `--cpus` threads. Wall time is the sweep's, from `run_sweep` to its return (Ray's own start
-excluded). Peak memory is the largest sum, over time, of the resident memory of the Ray worker processes of that
-side's Ray (sampled every 0.1 s). Each vector of the packed side is compared with the same pair's vector of the
-per-run side: ||difference|| / ||vector|| (D, the largest over pairs), and the stricter max |difference| /
-max |vector| (`max_abs_diff`: AdamW normalizes every component by its own gradient's size, so float noise from
-the larger matrix products of a shared pass weighs most on the components with the smallest gradients). The
-sides alternate over `--rounds`. Last line JSON:
+side one trial with `--cpus` threads, the auto side `--cpus` one-thread packs. Wall time is the sweep's, from
+`run_sweep` to its return (Ray's own start excluded). Peak memory is the largest sum, over time, of the resident
+memory of the Ray worker processes of that side's Ray (sampled every 0.1 s). Each vector of the packed side is
+compared with the same pair's vector of the per-run side: ||difference|| / ||vector|| (D, the largest over pairs),
+and the stricter max |difference| / max |vector| (`max_abs_diff`). On a CPU each packed prompt has its own forward
+pass, so both are 0 there; on a GPU the pack shares passes, and float noise from the larger matrix products weighs
+most on the components with the smallest gradients (AdamW normalizes each by its own gradient's size). The sides
+take turns over `--rounds`, in a rotating order. Last line JSON:
 
-    {"packed_vs_trials_wall": R, "packed_vs_trials_peak_rss": M, "max_vector_diff": D, ...}
+    {"packed_vs_trials_wall": R, "packed_vs_trials_peak_rss": M, "max_vector_diff": D, "auto_vs_trials_wall": ...}
     R = per-run wall / packed wall (target >= 1.3 on CPU, >= 4 on a GPU); M = packed peak / per-run peak
     (target <= 0.6); D relative (target <= 1e-4)
 
@@ -31,6 +33,10 @@ import time
 from pathlib import Path
 
 from grid_args import add_grid_args, prepared_model
+
+
+#: the sides: name -> its pack (the packed side packs every run into one trial)
+SIDES = {"packed": "all", "per-run": 1, "auto": "auto"}
 
 
 class PeakWorkers:
@@ -71,7 +77,7 @@ class PeakWorkers:
         self._thread.join()
 
 
-def side(config, pack: int, cpus: int, work: Path) -> dict:
+def side(config, pack: int | str, cpus_per_trial: int, cpus: int, work: Path) -> dict:
     """One side in its own local Ray: wall time, peak worker memory, the vectors it wrote."""
     import ray
 
@@ -83,7 +89,7 @@ def side(config, pack: int, cpus: int, work: Path) -> dict:
 
     cfg = config.model_copy(update={
         "name": f"bench-pack{pack}", "fresh": True,
-        "resources": Resources(cpus_per_trial=float(cpus if pack > 1 else 1), pack=pack),
+        "resources": Resources(cpus_per_trial=float(cpus_per_trial), pack=pack),
         "locations": Locations(store=str(work / "store"), storage_path=str(work / "ray_results"), out_dir=str(work)),
     })
     init_ray(num_cpus=cpus)
@@ -104,6 +110,8 @@ def side(config, pack: int, cpus: int, work: Path) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_grid_args(p, ["rotten_tomatoes", "tweets", "sms_spam", "trec"], steps=8, cpus_help="CPUs of each side", rounds=1)
+    p.add_argument("--sides", nargs="+", choices=SIDES, default=list(SIDES),
+                   help="which sides to run (per-run always runs: the others are compared with it)")
     args = p.parse_args(argv)
 
     from tune_jobs.sweep import SweepConfig
@@ -115,32 +123,40 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{runs} runs of {args.steps} steps (preset {config.preset}: batch 8) on {model}, {args.cpus} CPUs a side",
           flush=True)
 
-    walls: dict[int, list[float]] = {1: [], runs: []}
-    peaks: dict[int, list[int]] = {1: [], runs: []}
+    # (pack, CPUs per trial) of each side
+    sides = {name: (runs if name == "packed" else SIDES[name], args.cpus if name == "packed" else 1)
+             for name in SIDES if name in args.sides or name == "per-run"}
+    walls: dict[str, list[float]] = {name: [] for name in sides}
+    peaks: dict[str, list[int]] = {name: [] for name in sides}
     diffs, abs_diffs = [], []
     work = Path(tempfile.mkdtemp(prefix="tpv-bench-grid-"))
     try:
         for r in range(args.rounds):
             found = {}
-            for pack in (runs, 1) if r % 2 == 0 else (1, runs):
-                found[pack] = side(config, pack, args.cpus, work / f"r{r}-pack{pack}")
-                walls[pack].append(found[pack]["wall"])
-                peaks[pack].append(found[pack]["peak"])
-                print(f"round {r}: {'packed' if pack > 1 else 'per-run'} {found[pack]['wall']:.1f}s, peak worker "
-                      f"memory {found[pack]['peak'] / 2**30:.2f} GiB", flush=True)
-            packed, single = found[runs]["vectors"], found[1]["vectors"]
-            assert packed.keys() == single.keys() and len(packed) == runs, "both sides store every pair"
-            diffs += [float((packed[k] - single[k]).norm() / single[k].norm()) for k in single]
-            abs_diffs += [float((packed[k] - single[k]).abs().max() / single[k].abs().max()) for k in single]
+            order = list(sides)[r % len(sides):] + list(sides)[:r % len(sides)]
+            for name in order:
+                pack, per_trial = sides[name]
+                found[name] = side(config, pack, per_trial, args.cpus, work / f"r{r}-{name}")
+                walls[name].append(found[name]["wall"])
+                peaks[name].append(found[name]["peak"])
+                print(f"round {r}: {name} {found[name]['wall']:.1f}s, peak worker memory "
+                      f"{found[name]['peak'] / 2**30:.2f} GiB", flush=True)
+            single = found["per-run"]["vectors"]
+            for other in set(sides) - {"per-run"}:
+                packed = found[other]["vectors"]
+                assert packed.keys() == single.keys() and len(packed) == runs, "every side stores every pair"
+                diffs += [float((packed[k] - single[k]).norm() / single[k].norm()) for k in single]
+                abs_diffs += [float((packed[k] - single[k]).abs().max() / single[k].abs().max()) for k in single]
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    key = {"packed": "packed_vs_trials", "auto": "auto_vs_trials"}
     print(json.dumps({
-        "packed_vs_trials_wall": round(sum(walls[1]) / sum(walls[runs]), 3),
-        "packed_vs_trials_peak_rss": round(statistics.mean(peaks[runs]) / statistics.mean(peaks[1]), 3),
-        "max_vector_diff": max(diffs), "max_abs_diff": max(abs_diffs),
-        "per_run_s": [round(x, 1) for x in walls[1]], "packed_s": [round(x, 1) for x in walls[runs]],
-        "per_run_peak_gib": [round(x / 2**30, 2) for x in peaks[1]],
-        "packed_peak_gib": [round(x / 2**30, 2) for x in peaks[runs]],
+        **{f"{key[name]}_wall": round(sum(walls["per-run"]) / sum(walls[name]), 3) for name in key if name in sides},
+        **{f"{key[name]}_peak_rss": round(statistics.mean(peaks[name]) / statistics.mean(peaks["per-run"]), 3)
+           for name in key if name in sides},
+        "max_vector_diff": max(diffs, default=None), "max_abs_diff": max(abs_diffs, default=None),
+        **{f"{name}_s": [round(x, 1) for x in walls[name]] for name in sides},
+        **{f"{name}_peak_gib": [round(x / 2**30, 2) for x in peaks[name]] for name in sides},
         "runs": runs, "steps": args.steps, "cpus": args.cpus, "model": model,
     }))
     return 0
