@@ -116,8 +116,7 @@ def load_pack(folder: str) -> tuple[dict[int, TrainCheckpoint], dict[int, dict[s
 
 def train_trial(config: dict[str, Any], after_checkpoint: Callable[[TrialSpec, int], None] | None = None) -> None:
     """The Ray Tune function trainable of every training job: one run (`{"spec": ...}`) or a pack of runs
-    (`{"pack": [...], "recompute": bool}`, `tpv.packed.train_pack`: the model loaded once, one forward and backward
-    per step).
+    (`{"pack": [...], "recompute": bool}`, `tpv.packed.train_pack`: the model loaded once, passes shared on a GPU).
 
     Every run is skipped when already stored, resumes from its own state in the trial's checkpoint, and writes its
     vector the moment it finishes. A checkpoint is reported at every step where runs were evaluated.
