@@ -199,6 +199,18 @@ def test_a_sweep_stopped_with_ctrl_c_reports_its_unfinished_pairs(tiny_causal_pa
     assert sorted(m.origin_seed for m in VectorStore(store).list()) == [0, 1]
 
 
+def test_a_job_names_every_task_without_data_before_any_trial_starts(tiny_causal_path, tasks, tmp_path):
+    """snips and sms_spam (built-in, never prepared in the tests' TPV_HOME): one clear error that names both and the
+    command that prepares them, raised before Ray Tune starts (no experiment folder)."""
+    from tpv.tasks import TaskDataMissing
+    from tune_jobs.sweep import run_sweep
+
+    config = sweep_config(tiny_causal_path, tmp_path / "store", ["imdb", "snips", "sms_spam"], [0], name="no-data")
+    with pytest.raises(TaskDataMissing, match=r"snips, sms_spam .*`tpv data fetch --task snips --task sms_spam`"):
+        run_sweep(config)
+    assert not (tmp_path / "ray_results").exists()
+
+
 def test_similarity_report_tables_and_heatmap(swept, tmp_path):
     from tune_jobs.report import main, similarity_report
 

@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from tpv.backbone import BackboneConfig, backbone_id_for
 from tpv.bundled import DEFAULT_BACKBONE
 from tpv.paths import atomic_write
+from tpv.tasks import require_data
 from tune_jobs.config import JobConfig, add_resource_args, config_from_args, start_ray
 from tune_jobs.grid import Search, run_grid, short_hash
 from tune_jobs.locations import add_location_args
@@ -150,6 +151,7 @@ def run_addition_job(config: AdditionConfig) -> dict[str, Any]:
     base = dict(store=loc.store, source=config.vectors_source, backbone=backbone, eval_examples=config.eval_examples,
                 test_examples=config.test_examples, cpus=config.resources.cpus_per_trial)
     cells = [(combo, seed) for combo in config.combos() for seed in config.seeds]
+    require_data(config.tasks)
     init_ray()
     print(f"[addition] {len(cells)} cells: {len(config.combos())} combination(s) x {len(config.seeds)} origin(s), "
           f"c on a {len(coefficient_grid(config.grid_step))}-point grid", flush=True)

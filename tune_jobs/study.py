@@ -34,6 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from tpv.backbone import BackboneConfig
 from tpv.bundled import DEFAULT_BACKBONE
 from tpv.paths import atomic_write
+from tpv.tasks import require_data
 from tpv.train import PRESETS, PresetName, TrainConfig
 from tune_jobs.config import (
     JobConfig,
@@ -209,6 +210,7 @@ def run_study(config: StudyConfig) -> dict[str, Any]:
         for name, overrides in recipes.items() for task in config.tasks for seed in config.seeds
     ]
     run = dict(config.grid_args(), reuse_finished=True)
+    require_data([*config.tasks, config.target])
     init_ray()
     print(f"[study] {len(recipes)} recipe(s) x {len(config.tasks)} tasks x {len(config.seeds)} origins = "
           f"{len(specs)} runs of {max(config.steps)} steps, scored at {config.steps}", flush=True)

@@ -23,6 +23,7 @@ from pydantic import Field, field_validator
 from tpv.backbone import backbone_id_for
 from tpv.bundled import DEFAULT_BACKBONE
 from tpv.paths import atomic_write
+from tpv.tasks import require_data
 from tpv.train import PRESETS, PresetName, TrainConfig
 from tune_jobs.config import (
     JobConfig,
@@ -110,6 +111,7 @@ def run_sweep(config: SweepConfig, trainable: Callable[[dict], None] = train_tri
     print(f"[sweep] {len(configs)} (task, seed) pairs: {len(configs) - len(pending)} already in the store "
           f"{loc.store}, {len(pending)} to train", flush=True)
     if pending:
+        require_data([c.task for c in pending])
         init_ray()
         specs = [
             TrialSpec(

@@ -33,6 +33,7 @@ from pydantic import Field
 from tpv.backbone import backbone_id_for
 from tpv.bundled import DEFAULT_BACKBONE
 from tpv.paths import atomic_write
+from tpv.tasks import require_data
 from tpv.train import PRESETS, InitSpec, PresetName, TrainConfig
 from tune_jobs.config import (
     JobConfig,
@@ -156,6 +157,7 @@ def run_transfer(config: TransferConfig) -> dict[str, Any]:
     experiment = f"{config.name}-{key}"
     cpus = config.resources.cpus_per_trial
     common = config.grid_args()
+    require_data(list(config.targets))
     init_ray()
 
     # 1. probes for tpv_auto: a short run on each (target, seed), its vector kept in a scratch store

@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tpv.backbone import BackboneConfig, backbone_id_for
 from tpv.bundled import DEFAULT_BACKBONE
 from tpv.paths import atomic_write
+from tpv.tasks import require_data
 from tune_jobs.config import JobConfig, add_resource_args, config_from_args, start_ray
 from tune_jobs.grid import GridOutcome, Search, TrialsFailed, run_grid, short_hash
 from tune_jobs.locations import add_location_args
@@ -232,6 +233,7 @@ def run_search(config: WeightSearchConfig) -> dict[str, Any]:
     )
     name = config.name or f"{config.target}-tpv"
     key = short_hash(config.model_dump(mode="json", exclude={*config.RUN_ONLY, "save"}))
+    require_data([config.target])
     init_ray()
     run = dict(config.grid_args(), trainable=weight_trial, name=weight_trial_name)
     found: dict[str, dict[str, Any]] = {}

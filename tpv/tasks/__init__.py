@@ -25,6 +25,7 @@ from tpv.tasks.registry import (
     load_split,
     register_task,
     register_task_file,
+    require_data,
     task_data_dir,
 )
 from tpv.tasks.spec import (
@@ -44,5 +45,6 @@ __all__ = [
     "BUILTIN_TASKS", "SPLITS", "BadSplitRequest", "DataSource", "Example", "Split", "SplitProtocol", "TaskConfigError",
     "TaskDataMissing", "TaskSpec", "UnknownTaskError", "UserTaskConfig", "carve", "few_shot", "get_task",
     "list_tasks", "load_split", "load_task_file", "make_splits", "register_task", "register_task_file",
+    "require_data",
     "task_data_dir",
 ]

@@ -91,11 +91,19 @@ def task_data_dir(name: str) -> Path:
     return data_dir() / name
 
 
+def require_data(names: Sequence[str]) -> None:
+    """Fail at once, naming every one, when built-in tasks among `names` have no prepared data: a job checks this
+    before it starts trials, which would otherwise each fail on it, once per retry."""
+    missing = [n for n in dict.fromkeys(names)
+               if get_task(n).data is None and not (task_data_dir(n) / "meta.json").is_file()]
+    if missing:
+        raise TaskDataMissing(f"no prepared data for {', '.join(missing)} in {data_dir()}; run "
+                              f"`tpv data fetch {' '.join(f'--task {n}' for n in missing)}`")
+
+
 def _builtin_rows(spec: TaskSpec, split: Split) -> list[Row]:
+    require_data([spec.name])
     folder = task_data_dir(spec.name)
-    if not (folder / "meta.json").is_file():
-        raise TaskDataMissing(f"task {spec.name!r} has no prepared data in {folder}; "
-                              f"run `tpv data fetch --task {spec.name}`")
     path = folder / f"{split}.jsonl"
     if path.stat().st_size == 0:  # a tiny task can have an empty split; datasets cannot read an empty file
         return []
