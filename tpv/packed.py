@@ -197,13 +197,13 @@ def _step_losses(backbone: Backbone, runs: list[_Run], groups: dict[int, LabelGr
     backpropagated before the next pass runs, so only one pass's activations are alive at a time. Returns each
     run's loss."""
     losses: list[float] = [math.nan] * len(runs)
-    for members in _passes(runs, groups, per_pass):
-        with recomputed_layers(backbone, recompute):
+    with recomputed_layers(backbone, recompute):
+        for members in _passes(runs, groups, per_pass):
             found = _pass_losses(backbone, [runs[k] for k in members], groups[runs[members[0]].index],
                                  [rows[k] for k in members])
-        torch.stack(found).sum().backward()
-        for k, loss in zip(members, found):
-            losses[k] = loss.item()
+            torch.stack(found).sum().backward()
+            for k, loss in zip(members, found):
+                losses[k] = loss.item()
     return losses
 
 

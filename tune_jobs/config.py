@@ -31,8 +31,12 @@ class Resources(BaseModel):
                                      "e.g. {'tpv_worker': 1}: trials then run only on nodes started with "
                                      "`ray start --resources '{\"tpv_worker\": 4}'`")
 
+    def tune_resources(self) -> dict[str, float]:
+        """One trial's resources as `tune.with_resources` takes them."""
+        return {"cpu": self.cpus_per_trial, "gpu": self.gpus_per_trial, **self.custom}
+
     def remote_options(self) -> dict[str, Any]:
-        """One trial's resources as `ray.remote` options (Tune's `with_resources` takes the same, by its names)."""
+        """The same resources as `ray.remote` options (a task that must land where a trial could)."""
         return {"num_cpus": self.cpus_per_trial, "num_gpus": self.gpus_per_trial, "resources": dict(self.custom)}
 
 

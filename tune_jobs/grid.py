@@ -237,8 +237,7 @@ def run_grid(
     from ray import tune
 
     resources = resources or Resources()
-    trainable = tune.with_resources(trainable, {"cpu": resources.cpus_per_trial, "gpu": resources.gpus_per_trial,
-                                                **resources.custom})
+    trainable = tune.with_resources(trainable, resources.tune_resources())
     path = posixpath.join(storage_path, experiment) if _is_uri(storage_path) else str(Path(storage_path) / experiment)
     namer = name or trial_name
     tuner = None

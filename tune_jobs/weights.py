@@ -279,8 +279,8 @@ def run_search(config: WeightSearchConfig) -> dict[str, Any]:
         outcomes = run_grid(
             {"spec": spec.model_dump(mode="json"), "coefficient": 1.0, **space}, experiment=f"{name}-weights-{key}",
             job="search-weights per_vector", reuse_finished=True, search=search,
-            **{**run, "resources": run["resources"].model_copy(  # Optuna learns from finished trials: 2 at a time
-                update={"max_concurrent": config.resources.max_concurrent or 2})},
+            **(run | {"resources": config.resources.model_copy(  # Optuna learns from finished trials: 2 at a time
+                update={"max_concurrent": config.resources.max_concurrent or 2})}),
         )
         rows = [r for r in _rows(outcomes, n_terms) if r.get("done")]
         rows.sort(key=lambda r: -r["objective"])
