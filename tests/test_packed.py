@@ -15,7 +15,8 @@ import torch
 from task_data import write_builtin_task
 
 from tpv.backbone import Backbone, BackboneConfig
-from tpv.evaluate import classification_metrics, evaluate_many, label_groups, label_scores
+from tpv.evaluate import (PROMPTS_PER_PASS, classification_metrics, evaluate_many, label_groups, label_scores,
+                          prompts_per_pass)
 from tpv.packed import _start, _step_losses, train_pack
 from tpv.prompt import make_origin
 from tpv.tasks import get_task, load_split, register_task_file
@@ -160,20 +161,28 @@ def test_a_pack_needs_one_prompt_length_and_one_backbone(tasks, causal):
         train_pack([config(tasks["yesno"], causal), TrainConfig(task=tasks["yesno"], backbone={"model": "x"})], causal)
 
 
-def test_evaluate_many_gives_each_prompt_its_own_metrics(tasks, causal):
-    """25 prompts of three tasks (more than one pass holds: PROMPTS_PER_PASS), on splits of different sizes."""
+@pytest.mark.parametrize("per_pass", [None, 7, PROMPTS_PER_PASS])
+def test_evaluate_many_gives_each_prompt_its_own_metrics(tasks, causal, per_pass):
+    """25 prompts of three tasks, on splits of different sizes: one prompt per pass (the CPU default), and shared
+    passes (a GPU's: more prompts than one pass holds)."""
     names = [tasks["yesno"], tasks["topic"], tasks["trec"], tasks["yesno"], tasks["topic"]] * 5
     prompts = [make_origin(causal, 4, seed) + 0.3 * torch.randn(4, 32, generator=torch.Generator().manual_seed(seed))
                for seed in range(len(names))]
     specs = [get_task(n) for n in names]
     examples = [load_split(n, "validation", limit=limit, seed=0) for n, limit in zip(names, [24, 7, 18, 5, None] * 5)]
-    many = evaluate_many(causal, prompts, specs, examples, batch_size=4)
+    many = evaluate_many(causal, prompts, specs, examples, batch_size=4, per_pass=per_pass)
     for prompt, spec, rows, got in zip(prompts, specs, examples, many):
         # alone: the prompt tensor through the backbone's forward (no cached keys/values), its own labels only
         scores = label_scores(causal, prompt, [e.source for e in rows], spec.labels, batch_size=4)
         alone = classification_metrics(spec, scores, [e.label for e in rows])
         assert got["accuracy"] == alone["accuracy"]
         assert got["label_logprob"] == pytest.approx(alone["label_logprob"], abs=1e-5)
+
+
+def test_evaluation_shares_passes_on_a_gpu_only():
+    """A CPU pass is compute-bound (bench/eval_passes.py): each prompt gets its own; a GPU's passes are shared."""
+    assert prompts_per_pass("cpu") == 1
+    assert prompts_per_pass("cuda:0") == PROMPTS_PER_PASS > 1
 
 
 def test_auto_pack_size_fills_the_trial_slots_within_half_the_free_memory(tiny_causal_path):

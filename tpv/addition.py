@@ -82,7 +82,7 @@ class AdditionResult(BaseModel):
 
 class Combination:
     """Scores prompts made of a fixed set of task vectors on one origin (compositions cached by the Composer, each
-    split read once, many candidate prompts per forward pass)."""
+    split read once, every candidate prompt in one `evaluate_many`)."""
 
     def __init__(self, backbone: Backbone, store: VectorStore, tasks: Sequence[str], origin_seed: int,
                  source: str | None = None, prompt_length: int | None = None):

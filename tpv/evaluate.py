@@ -4,9 +4,10 @@ Classification is rank classification: every label string is scored by likelihoo
 also gives calibrated per-label probabilities for serving. Regression generates the number and parses it. On
 causal backbones the prompt's keys/values are computed once for the whole evaluation.
 
-`evaluate_many` scores many prompts per forward pass (cross-origin tables, weight-search candidates, the addition's
-coefficient grid, the evaluations of a training pack): each row carries its own prompt's cached keys/values, and
-prompts of different tasks share a pass by scoring the union of their label sets (see `label_groups`). Each
+`evaluate_many` evaluates many prompts at once (cross-origin tables, weight-search candidates, the addition's
+coefficient grid, the evaluations of a training pack), many per forward pass on a GPU (`prompts_per_pass`): each
+row carries its own prompt's cached keys/values, and prompts of different tasks share a pass by scoring the union
+of their label sets (see `label_groups`). Each
 prompt's metrics are exactly what `evaluate` gives it alone (one implementation: `evaluate` is a pack of one).
 """
 
@@ -35,8 +36,16 @@ def label_scores(backbone: Backbone, prompt: Prompt, sources: list[str], labels:
     return torch.cat(parts) if parts else torch.zeros(0, len(labels))
 
 
-#: the most prompts one evaluation pass holds (each brings `batch_size` rows, each row a vocabulary of logits)
+#: the most prompts one evaluation pass holds on a GPU (each brings `batch_size` rows, each row a vocabulary of logits)
 PROMPTS_PER_PASS = 16
+
+
+def prompts_per_pass(device: str) -> int:
+    """Prompts per evaluation pass by default: up to PROMPTS_PER_PASS on a GPU, where a pass is launch-bound; one on
+    a CPU, where a pass is compute-bound, so a shared pass buys nothing and pads every row to the pass's longest
+    input (measured by `bench/eval_passes.py` on 2 cores: one prompt per pass is 1.9x faster on a training pack's
+    mixed tasks, and 1.3x faster even on prompts sharing their rows)."""
+    return PROMPTS_PER_PASS if device.startswith("cuda") else 1
 
 
 @dataclass
@@ -135,12 +144,13 @@ def _group_scores(backbone: Backbone, prompts: list[Tensor], group: LabelGroup, 
 
 def evaluate_many(
     backbone: Backbone, prompts: Sequence[Tensor], tasks: Sequence[TaskSpec], examples: Sequence[list[Example]],
-    batch_size: int = 32,
+    batch_size: int = 32, per_pass: int | None = None,
 ) -> list[dict[str, float]]:
-    """`evaluate(backbone, prompts[i], tasks[i], examples[i])` for every i, many prompts per forward pass.
+    """`evaluate(backbone, prompts[i], tasks[i], examples[i])` for every i, in shared forward passes where they pay.
 
-    Classification prompts of one prompt length whose label sets join (`label_groups`) share every pass;
-    regression prompts are evaluated one by one (generation)."""
+    Classification prompts of one prompt length whose label sets join (`label_groups`) share passes, up to
+    `per_pass` prompts each (default `prompts_per_pass` of the backbone's device); regression prompts are evaluated
+    one by one (generation)."""
     if not len(prompts) == len(tasks) == len(examples):
         raise ValueError("evaluate_many needs one task and one example list per prompt")
     results: list[dict[str, float] | None] = [None] * len(prompts)
@@ -149,13 +159,14 @@ def evaluate_many(
             raise ValueError(f"no examples to evaluate task {task.name!r} on")
         if not task.labels:
             results[i] = evaluate(backbone, prompts[i], task, rows, batch_size)
+    per_pass = per_pass or prompts_per_pass(str(backbone.device))
     classified = [i for i, task in enumerate(tasks) if task.labels]
     for length in dict.fromkeys(prompts[i].shape[-2] for i in classified):
         same = [i for i in classified if prompts[i].shape[-2] == length]
         for group in label_groups(backbone, [tasks[i].labels for i in same]):
-            for start in range(0, len(group.members), PROMPTS_PER_PASS):  # bounded rows (and logits) per pass
-                part = LabelGroup(group.labels, [same[k] for k in group.members[start : start + PROMPTS_PER_PASS]],
-                                  group.columns[start : start + PROMPTS_PER_PASS])
+            for start in range(0, len(group.members), per_pass):
+                part = LabelGroup(group.labels, [same[k] for k in group.members[start : start + per_pass]],
+                                  group.columns[start : start + per_pass])
                 scores = _group_scores(backbone, [p.reshape(p.shape[-2:]) for p in prompts], part, list(examples),
                                        batch_size)
                 for i, member_scores in zip(part.members, scores):

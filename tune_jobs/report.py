@@ -164,7 +164,7 @@ def similarity_report(store_uri: str, out_dir: str | Path, backbone_id: str | No
 def _cross_origin_for_task(store_uri: str, backbone: dict, task: str, vector_ids: list[str], seeds: list[int],
                            test_examples: int | None, cpus: float) -> list[dict[str, Any]]:
     """Test metric of every stored vector of `task` on every origin in `seeds`, and of the origins alone: every
-    prompt in the same forward passes (`tpv.evaluate.evaluate_many`)."""
+    prompt in one `tpv.evaluate.evaluate_many` (shared passes on a GPU)."""
     from tpv.backbone import BackboneConfig
     from tpv.evaluate import evaluate_many
     from tpv.prompt import make_origin

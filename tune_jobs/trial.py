@@ -74,7 +74,7 @@ def numeric(metrics: dict[str, Any]) -> dict[str, float]:
 
 def _test_metrics(backbone: Backbone, prompts: list, task_names: list[str],
                   limits: list[int | None]) -> list[dict[str, float]]:
-    """Each prompt's metrics on its task's test split, many prompts per forward pass."""
+    """Each prompt's metrics on its task's test split, in one `evaluate_many`."""
     from tpv.evaluate import evaluate_many
     from tpv.tasks import get_task, load_split
 

@@ -115,8 +115,8 @@ def composition_spec(spec: ObjectiveSpec, backbone_id: str, weights: list[float]
 
 
 def zero_shot_scores(spec: ObjectiveSpec, candidates: list[tuple[list[float], float]]) -> list[dict[str, float]]:
-    """Validation metrics of each candidate's composed prompt as it is: every candidate in the same forward passes
-    (`tpv.evaluate.evaluate_many`), the validation split read once."""
+    """Validation metrics of each candidate's composed prompt as it is: every candidate in one
+    `tpv.evaluate.evaluate_many` (shared passes on a GPU), the validation split read once."""
     from tpv.compose import Composer
     from tpv.evaluate import evaluate_many
     from tpv.prompt import make_origin
@@ -167,7 +167,7 @@ def score(spec: ObjectiveSpec, weights: list[float], coefficient: float, report=
 
 def coefficient_grid_trial(config: dict[str, Any]) -> None:
     """Tune trainable of the paper rule, zero-shot: `config = {"spec": ObjectiveSpec, "coefficients": [...]}`,
-    every coefficient scored in one trial, all their prompts in the same forward passes."""
+    every coefficient scored in one trial, all their prompts in one `evaluate_many`."""
     from ray import tune
 
     spec = ObjectiveSpec.model_validate(config["spec"])
@@ -243,7 +243,7 @@ def run_search(config: WeightSearchConfig) -> dict[str, Any]:
         steps = int(round(1.0 / config.grid_step))
         grid = [round(i * config.grid_step, 10) for i in range(steps + 1)]
         print(f"[search-weights] paper rule: {len(grid)} coefficients on the sum of {config.sources}", flush=True)
-        if config.objective == "zero_shot":  # one trial, every coefficient's prompt in the same forward passes
+        if config.objective == "zero_shot":  # one trial, every coefficient's prompt in one evaluate_many
             grid_run = {**run, "trainable": coefficient_grid_trial, "name": lambda trial: "coefficient-grid"}
             (outcome,) = run_grid({"spec": spec.model_dump(mode="json"), "coefficients": grid},
                                   experiment=f"{name}-paper-grid-{key}", job="search-weights paper",
