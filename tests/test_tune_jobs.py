@@ -7,6 +7,7 @@ Task data is written as `tpv data fetch` writes it (`data_dir()/<task>/{train,va
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -164,15 +165,18 @@ def test_interrupted_sweep_resumes_with_tuner_restore(tiny_causal_path, tasks, t
     assert [(m.task, m.origin_seed) for m in VectorStore(store).list()] == [("imdb", 0)]
 
 
-def test_a_sweep_stopped_with_ctrl_c_reports_its_unfinished_pairs(tiny_causal_path, tasks, tmp_path, ray_session):
-    """Ctrl-C (SIGINT) while the first of two trials runs (one at a time): Tune stops, and the sweep still writes its
-    table, with both pairs not finished (the second never started), no traceback; running it again finishes both."""
+def test_a_sweep_stopped_with_ctrl_c_reports_its_unfinished_pairs(tiny_causal_path, tasks, tmp_path, ray_session,
+                                                                  capsys):
+    """Ctrl-C (SIGINT) while the first of two trials runs (each holds both CPUs): Tune stops, and the sweep still writes its
+    table, with both pairs not finished (the second never started), no traceback; running it again finishes both,
+    without Ray Tune's warning about the trial that has no results yet."""
     from tune_jobs.config import Resources
     from tune_jobs.sweep import run_sweep
 
     store = tmp_path / "store"
     config = sweep_config(tiny_causal_path, store, ["imdb"], [0, 1], name="ctrl-c",
-                          train={**TRAIN, "max_steps": 400, "eval_every": 20}, resources=Resources(max_concurrent=1))
+                          train={**TRAIN, "max_steps": 400, "eval_every": 20},
+                          resources=Resources(cpus_per_trial=2))  # one at a time; the second waits PENDING
     script = (
         "import json; from tune_jobs.sweep import SweepConfig, run_sweep; "
         f"out = run_sweep(SweepConfig.model_validate_json({config.model_dump_json()!r})); "
@@ -194,7 +198,16 @@ def test_a_sweep_stopped_with_ctrl_c_reports_its_unfinished_pairs(tiny_causal_pa
     unfinished = "not finished (interrupted: run the same command again)"
     assert json.loads(out.strip().splitlines()[-1]) == [["imdb/s0", unfinished], ["imdb/s1", unfinished]]
     assert VectorStore(store).list() == []
-    again = run_sweep(config)
+    warnings: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: warnings.append(record.getMessage())
+    analysis_log = logging.getLogger("ray.tune.analysis.experiment_analysis")  # Ray's loggers do not propagate
+    analysis_log.addHandler(handler)
+    try:
+        again = run_sweep(config)
+    finally:
+        analysis_log.removeHandler(handler)
+    assert "(Tuner.restore)" in capsys.readouterr().out and warnings == []
     assert [r["status"].startswith("trained") for r in again["rows"]] == [True, True]
     assert sorted(m.origin_seed for m in VectorStore(store).list()) == [0, 1]
 

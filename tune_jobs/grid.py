@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import posixpath
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -242,8 +244,9 @@ def run_grid(
     namer = name or trial_name
     tuner = None
     if restore and tune.Tuner.can_restore(path):
-        tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
-        earlier = tuner.get_results()
+        with _quiet_about_unstarted_trials():
+            tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
+            earlier = tuner.get_results()
         finished = all(r.error is None and (r.metrics or {}).get("done") for r in earlier)
         if finished and not reuse_finished:
             print(f"[{job}] the experiment at {path} already finished; starting it again", flush=True)
@@ -282,6 +285,19 @@ def run_grid(
         else:
             outcomes.append(GridOutcome(config=config, metrics=metrics, error=error, path=str(result.path)))
     return outcomes + _never_started(param_space, outcomes)
+
+
+@contextmanager
+def _quiet_about_unstarted_trials() -> Iterator[None]:
+    """Ray Tune warns, with a FileNotFoundError line per trial, about every trial of a restored experiment that has
+    no results yet; on a resume those are simply the runs still to do (their errors still reach `result.error`)."""
+    log = logging.getLogger("ray.tune.analysis.experiment_analysis")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
 
 
 def _never_started(param_space: dict[str, Any], outcomes: list[GridOutcome]) -> list[GridOutcome]:
