@@ -245,13 +245,14 @@ def test_similarity_report_tables_and_heatmap(swept, tmp_path):
     assert (tmp_path / "cli" / "similarity" / "similarity.md").is_file()
 
 
-def test_cross_origin_table(swept, tiny_causal_path, tmp_path):
+def test_cross_origin_table(swept, tiny_causal_path, tmp_path, capsys):
     from tune_jobs.report import cross_origin_report
 
     _, _, store = swept
     result = cross_origin_report(str(store), tmp_path, str(tiny_causal_path), ["imdb"], [0, 1], test_examples=8)
     kinds = sorted(r["kind"] for r in result["rows"])
     assert kinds == ["origin only"] * 2 + ["other origin"] * 2 + ["own origin"] * 2
+    assert "imdb: 6 prompts evaluated (1/1 tasks)" in capsys.readouterr().out  # progress, a line per task
     assert result["table"][0]["task"] == "imdb" and "own origin (O_i + tau_i)" in result["markdown"]
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -215,9 +216,16 @@ def cross_origin_report(store_uri: str, out_dir: str | Path, backbone_model: str
                                               {k: v for k, v in trained.items() if k == "max_source_tokens"}))
     init_ray()
     remote = ray.remote(num_cpus=cpus, num_gpus=gpus)(_cross_origin_for_task)
-    futures = [remote.remote(store_uri, backbone.model_dump(), task, [m.vector_id for m in ms], all_seeds,
-                             test_examples, cpus) for task, ms in by_task.items()]
-    rows = [r for rs in ray.get(futures) for r in rs]
+    pending = {remote.remote(store_uri, backbone.model_dump(), task, [m.vector_id for m in ms], all_seeds,
+                             test_examples, cpus): task for task, ms in by_task.items()}
+    by_task_rows, start = {}, time.monotonic()
+    while pending:  # a line per finished task: a table of many tasks takes minutes
+        [ready], _ = ray.wait(list(pending), num_returns=1)
+        task = pending.pop(ready)
+        by_task_rows[task] = ray.get(ready)
+        print(f"[cross-origin {time.monotonic() - start:6.0f}s] {task}: {len(by_task_rows[task])} prompts evaluated "
+              f"({len(by_task_rows)}/{len(by_task)} tasks)", flush=True)
+    rows = [r for task in by_task for r in by_task_rows[task]]
     table = []
     for task in by_task:
         cell = {kind: [r["value"] for r in rows if r["task"] == task and r["kind"] == kind]
