@@ -28,14 +28,14 @@ def causal(request, tiny_causal_path, tmp_path_factory) -> Backbone:
     return Backbone.load(BackboneConfig(model=str(path), dtype="float32"))
 
 
-def reference_score(bb: Backbone, prompt: torch.Tensor, source: str, label: str, end: bool) -> float:
+def reference_score(bb: Backbone, prompt: torch.Tensor, source: str, label: str, end: bool) -> torch.Tensor:
     tok = bb.tokenizer
     src = tok(source)["input_ids"]  # with the tokenizer's own special tokens, as a PEFT user's input
     lab = tok(" " + label, add_special_tokens=False)["input_ids"] + ([tok.eos_token_id] if end else [])
     embeds = torch.cat([prompt.unsqueeze(0), bb.embed(torch.tensor([src + lab]))], 1)
     logp = bb.model(inputs_embeds=embeds).logits.float().log_softmax(-1)[0]
     start = prompt.shape[0] + len(src)  # the position of the label's first token
-    return sum(logp[start + j - 1, t].item() for j, t in enumerate(lab))
+    return sum(logp[start + j - 1, t] for j, t in enumerate(lab))
 
 
 def test_bos_follows_the_tokenizer(causal):
@@ -48,7 +48,7 @@ def test_bos_follows_the_tokenizer(causal):
 def test_scores_match_full_logits(causal, labels, end):
     prompt = make_origin(causal, 5, seed=2)
     with torch.no_grad():
-        ref = torch.tensor([[reference_score(causal, prompt, s, lab, end) for lab in labels] for s in SOURCES])
+        ref = torch.tensor([[reference_score(causal, prompt, s, lab, end).item() for lab in labels] for s in SOURCES])
         plain = causal.score_labels(prompt, SOURCES, labels)
         cached = causal.score_labels(causal.prefix(prompt), SOURCES, labels)
     torch.testing.assert_close(plain, ref, atol=1e-4, rtol=1e-4)
@@ -60,7 +60,7 @@ def test_only_empty_sources_in_a_prefix_batch(causal):
     prompt = make_origin(causal, 4, seed=1)
     with torch.no_grad():
         got = causal.score_labels(causal.prefix(prompt), ["", ""], ["positive", "negative"])
-        ref = torch.tensor([[reference_score(causal, prompt, "", lab, False) for lab in ["positive", "negative"]]] * 2)
+        ref = torch.tensor([[reference_score(causal, prompt, "", lab, False).item() for lab in ["positive", "negative"]]] * 2)
     torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
 
 
@@ -85,15 +85,19 @@ def test_a_label_that_begins_another_can_win(causal):
     assert scores.argmax().item() == 1
 
 
-def test_label_loss_trains_on_the_same_scores(causal):
+@pytest.mark.parametrize("labels,end", LABEL_SETS)
+def test_label_loss_trains_on_the_same_scores(causal, labels, end):
+    """The loss and its gradient: multi-token labels run after each source's cached keys/values, one source pass."""
     prompt = make_origin(causal, 4, seed=3).requires_grad_(True)
-    labels, gold = ["true", "true story", "no"], [1, 0]
-    loss = causal.label_loss(prompt, SOURCES[:2], labels, gold)
-    with torch.no_grad():
-        ref = torch.tensor([[reference_score(causal, prompt, s, lab, True) for lab in labels] for s in SOURCES[:2]])
-    torch.testing.assert_close(loss.detach(), torch.nn.functional.cross_entropy(ref, torch.tensor(gold)), atol=1e-4, rtol=1e-4)
-    loss.backward()
-    assert prompt.grad is not None and prompt.grad.abs().sum() > 0
+    gold = [1, 0, 2 % len(labels)]
+    loss = causal.label_loss(prompt, SOURCES, labels, gold)
+    (grad,) = torch.autograd.grad(loss, prompt)
+    ref = torch.stack([torch.stack([reference_score(causal, prompt, s, lab, end) for lab in labels]) for s in SOURCES])
+    ref_loss = torch.nn.functional.cross_entropy(ref, torch.tensor(gold))
+    (ref_grad,) = torch.autograd.grad(ref_loss, prompt)
+    torch.testing.assert_close(loss.detach(), ref_loss.detach(), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(grad, ref_grad, atol=1e-5, rtol=1e-3)
+    assert grad.abs().sum() > 0
 
 
 def test_lm_loss_matches_full_logits(causal):
@@ -105,7 +109,7 @@ def test_lm_loss_matches_full_logits(causal):
         logps, count = 0.0, 0
         for s, t in zip(sources, targets):
             n = len(tok(" " + t, add_special_tokens=False)["input_ids"]) + 1
-            logps += reference_score(causal, prompt, s, t, end=True)
+            logps += reference_score(causal, prompt, s, t, end=True).item()
             count += n
         got = causal.loss(prompt, sources, targets)
     torch.testing.assert_close(got, torch.tensor(-logps / count), atol=1e-4, rtol=1e-4)

@@ -1,6 +1,6 @@
 """A frozen language model with soft prompts: ONE forward path, per-row prompts.
 
-Every caller (training, evaluation, weight search, serving) goes through `_input_hidden`, which runs a batch whose
+Every caller (training, evaluation, weight search, serving) goes through `_input_states`, which runs a batch whose
 rows each carry their own prompt. A prompt is either a tensor `[B|1, L, d]` (1 broadcasts, as in training) or a
 `PromptPrefix`: for causal models the prompt comes first, so its attention keys/values depend on the prompt alone
 and can be computed once and reused across batches (evaluation, weight search, serving).
@@ -244,24 +244,30 @@ class Backbone:
     def _input_hidden(self, prompt: Prompt, ids: Tensor, mask: Tensor) -> Tensor:
         """Causal, prompt first, one row one prompt: final hidden states [B, T + 1, d] where index i is the state that
         predicts input token i (index 0: the prompt's last position; index T: after the last input token)."""
+        return self._input_states(prompt, ids, mask)[0]
+
+    def _input_states(self, prompt: Prompt, ids: Tensor, mask: Tensor) -> tuple[Tensor, object | None, Tensor]:
+        """`_input_hidden`, with the attention mask of prompt + inputs [B, L + T] and, for a `PromptPrefix`, their
+        keys/values (a transformers cache): what tokens that continue the rows need (`_label_tail_scores`). A
+        tensor prompt (training) keeps none: layers recomputed in the backward pass would append to it twice."""
         rows, width = ids.shape
         if isinstance(prompt, PromptPrefix):
             prefix = prompt if prompt.rows == rows else prompt.select(torch.zeros(rows, dtype=torch.long, device=self.device))
             if prefix.rows != rows:
                 raise BackboneInputError(f"{prompt.rows} prompt prefixes for a batch of {rows} rows")
-            if width == 0:
-                return prefix.last.unsqueeze(1)
-            length = prefix.length
+            length, cache = prefix.length, self._cache(prefix.layers)
             full_mask = torch.cat([torch.ones(rows, length, dtype=mask.dtype, device=self.device), mask], dim=1)
+            if width == 0:
+                return prefix.last.unsqueeze(1), cache, full_mask
             positions = torch.arange(length, length + width, device=self.device).unsqueeze(0).expand(rows, -1)
-            hidden = self._after_cache(self._cache(prefix.layers), ids, full_mask, positions)
-            return torch.cat([prefix.last.unsqueeze(1).to(hidden.dtype), hidden], dim=1)
+            hidden = self._after_cache(cache, ids, full_mask, positions)
+            return torch.cat([prefix.last.unsqueeze(1).to(hidden.dtype), hidden], dim=1), cache, full_mask
         prompts = self._as_batch(prompt, rows)
         length = prompts.shape[1]
         embeds = torch.cat([prompts, self.embed(ids)], dim=1)
         full_mask = torch.cat([torch.ones(rows, length, dtype=mask.dtype, device=self.device), mask], dim=1)
         out = self.model.base_model(inputs_embeds=embeds, attention_mask=full_mask, use_cache=False)
-        return out.last_hidden_state[:, length - 1 :]
+        return out.last_hidden_state[:, length - 1 :], None, full_mask
 
     def _cache(self, layers: tuple[tuple[Tensor, Tensor], ...]):
         """A transformers cache holding `layers` (later steps concatenate: the tensors given are never modified)."""
@@ -351,27 +357,57 @@ class Backbone:
         labels' lengths (a multi-token label is not penalized: its score is the model's probability of the whole
         string). When one label's tokens begin another's ('true' / 'true story'), P(begins with 'true') contains
         P('true story') and the longer label could never win: only then are labels scored as complete strings, tokens
-        then EOS. Distinct single tokens are always prefix-free, so the one-forward fast path (all C scores from
-        the state after the source, B rows) is exact; otherwise each (source, label) pair is a row.
+        then EOS. On causal backbones each source runs once: every label's first token is scored from the state
+        after it (B rows, all a set of single-token labels needs); with a cached prompt (`PromptPrefix`: evaluation,
+        serving), longer labels' other tokens run after the source's keys/values (`_label_tail_scores`). Otherwise
+        (training's tensor prompts, seq2seq) each (source, label) pair of a multi-token set is a row.
         """
         self._check_rows(prompt, len(sources))
         if not labels:
             raise BackboneInputError("no labels to score")
         label_ids = self.label_token_ids(labels)
         rows, n_labels = len(sources), len(labels)
-        if not self.is_seq2seq and all(len(t) == 1 for t in label_ids):
+        single = all(len(t) == 1 for t in label_ids)
+        if not self.is_seq2seq and (single or isinstance(prompt, PromptPrefix)):
             source_ids = self._source_ids(sources)
             ids, mask = self._pad(source_ids)
-            hidden = self._input_hidden(prompt, ids, mask)
+            hidden, cache, full_mask = self._input_states(prompt, ids, mask)
             last = torch.tensor([len(s) for s in source_ids], device=self.device)
             logp = self._logprobs_at(hidden[torch.arange(rows, device=self.device), last])
-            return logp[:, torch.tensor([t[0] for t in label_ids], device=self.device)]
+            scores = logp[:, torch.tensor([t[0] for t in label_ids], device=self.device)]
+            if single:
+                return scores
+            starts = full_mask.shape[1] - ids.shape[1] + last  # each row's first label token's position
+            return scores + self._label_tail_scores(cache, full_mask, starts, label_ids)
         expanded = self._repeat_rows(prompt, rows, n_labels)
         logp, row_of = self._target_logprobs(
             expanded, [s for s in sources for _ in labels], [t for _ in sources for t in label_ids]
         )
         scores = torch.zeros(rows * n_labels, device=self.device, dtype=logp.dtype).index_add(0, row_of, logp)
         return scores.view(rows, n_labels)
+
+    def _label_tail_scores(self, cache, mask: Tensor, starts: Tensor, label_ids: list[list[int]]) -> Tensor:
+        """Causal: the summed log-probabilities [B, C] of every label's tokens after its first, each label run after
+        its row's cached prompt + source (`cache`, `mask` [B, L + T]; a label's first token sits at `starts`).
+
+        A source runs once and only the labels' short tails run C times, where a (source, label) row each would run
+        the source C times (trec's 6 labels, snips's 7)."""
+        rows, n = mask.shape[0], len(label_ids)
+        cache.batch_repeat_interleave(n)  # row b * n + j: row b's keys/values, for label j
+        tails, tail_mask = self._pad([t[:-1] for _ in range(rows) for t in label_ids])
+        positions = starts.repeat_interleave(n).unsqueeze(1) + torch.arange(tails.shape[1], device=self.device)
+        hidden = self._after_cache(cache, tails, torch.cat([mask.repeat_interleave(n, dim=0), tail_mask], dim=1),
+                                   positions)
+        row_index, pos_index, token_ids = [], [], []
+        for row in range(rows * n):
+            for k, tok in enumerate(label_ids[row % n][1:]):  # the state at tail index k predicts token k + 1
+                row_index.append(row)
+                pos_index.append(k)
+                token_ids.append(tok)
+        rows_t = torch.tensor(row_index, device=self.device)
+        picked = hidden[rows_t, torch.tensor(pos_index, device=self.device)]
+        logp = self._logprobs_at(picked).gather(1, torch.tensor(token_ids, device=self.device).unsqueeze(1)).squeeze(1)
+        return torch.zeros(rows * n, device=self.device, dtype=logp.dtype).index_add(0, rows_t, logp).view(rows, n)
 
     def _check_rows(self, prompt: Prompt, rows: int) -> None:
         """Fail before any work when a batch brings neither one prompt nor one per row."""
@@ -382,9 +418,8 @@ class Backbone:
             raise BackboneInputError("an empty batch: give at least one source")
 
     def _repeat_rows(self, prompt: Prompt, rows: int, times: int) -> Prompt:
-        if isinstance(prompt, PromptPrefix):
-            base = torch.arange(prompt.rows, device=self.device) if prompt.rows == rows else torch.zeros(rows, dtype=torch.long, device=self.device)
-            return prompt.select(base.repeat_interleave(times))
+        if isinstance(prompt, PromptPrefix):  # seq2seq: `_seq2seq_target_logprobs` says prefixes do not apply
+            return prompt
         prompts = self._as_batch(prompt, None)
         return prompts if prompts.shape[0] == 1 else prompts.repeat_interleave(times, dim=0)
 
