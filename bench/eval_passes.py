@@ -21,32 +21,23 @@ import argparse
 import json
 import time
 
-import torch
+from grid_args import add_pass_args, loaded_backbone
 
-from tpv.backbone import Backbone, BackboneConfig
 from tpv.evaluate import evaluate_many
 from tpv.prompt import make_origin
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None, help="backbone (default: the bundled SmolLM2-135M)")
-    p.add_argument("--tasks", nargs="+", default=["rotten_tomatoes", "tweets", "sms_spam", "trec"])
+    add_pass_args(p)
     p.add_argument("--prompts-per-task", type=int, default=2, help="K = tasks x this (default 2)")
     p.add_argument("--examples", type=int, default=64, help="validation rows per prompt (default 64)")
-    p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
-    p.add_argument("--rounds", type=int, default=2)
     args = p.parse_args(argv)
 
-    from tpv.bundled import DEFAULT_BACKBONE, resolve_model_path
-    from tpv.data_fetch import fetch
     from tpv.tasks import get_task, load_split
 
-    model = args.model or DEFAULT_BACKBONE
-    fetch([t for t in args.tasks if get_task(t).data is None])
-    resolve_model_path(model)
-    torch.set_num_threads(args.threads)
-    backbone = Backbone.load(BackboneConfig(model=model))
+    backbone = loaded_backbone(args)
+    model = backbone.config.model
     specs = [get_task(t) for t in args.tasks]
     rows = {t.name: load_split(t.name, "validation", args.examples) for t in specs}
     n = len(specs) * args.prompts_per_task

@@ -1,5 +1,5 @@
-"""The command line both grid benchmarks share (which model, tasks, seeds, steps, CPUs, rounds) and their set-up:
-the tasks' data fetched and the model converted before anything is timed."""
+"""The command line the benchmarks share (which model, tasks, seeds, steps, CPUs or threads, rounds) and their
+set-up: the tasks' data fetched and the model converted (and, in-process, loaded) before anything is timed."""
 
 from __future__ import annotations
 
@@ -28,3 +28,22 @@ def prepared_model(args: argparse.Namespace) -> str:
     fetch([t for t in args.tasks if get_task(t).data is None])
     resolve_model_path(model)
     return model
+
+
+def add_pass_args(p: argparse.ArgumentParser) -> None:
+    """The in-process benchmarks of forward passes (`pack_passes`, `eval_passes`): one backbone, many prompts."""
+    p.add_argument("--model", default=None, help="backbone (default: the bundled SmolLM2-135M)")
+    p.add_argument("--tasks", nargs="+", default=["rotten_tomatoes", "tweets", "sms_spam", "trec"])
+    p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    p.add_argument("--rounds", type=int, default=2)
+
+
+def loaded_backbone(args: argparse.Namespace):
+    """`prepared_model`, loaded in this process with `--threads` torch threads."""
+    import torch
+
+    from tpv.backbone import Backbone, BackboneConfig
+
+    model = prepared_model(args)
+    torch.set_num_threads(args.threads)
+    return Backbone.load(BackboneConfig(model=model))

@@ -17,31 +17,20 @@ import argparse
 import json
 import time
 
-import torch
+from grid_args import add_pass_args, loaded_backbone
 
-from tpv.backbone import Backbone, BackboneConfig
 from tpv.packed import train_pack
 from tpv.train import TrainConfig
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None, help="backbone (default: the bundled SmolLM2-135M)")
-    p.add_argument("--tasks", nargs="+", default=["rotten_tomatoes", "tweets", "sms_spam", "trec"])
+    add_pass_args(p)
     p.add_argument("--steps", type=int, default=6)
-    p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
-    p.add_argument("--rounds", type=int, default=2)
     args = p.parse_args(argv)
 
-    from tpv.bundled import DEFAULT_BACKBONE, resolve_model_path
-    from tpv.data_fetch import fetch
-    from tpv.tasks import get_task
-
-    model = args.model or DEFAULT_BACKBONE
-    fetch([t for t in args.tasks if get_task(t).data is None])
-    resolve_model_path(model)
-    torch.set_num_threads(args.threads)
-    backbone = Backbone.load(BackboneConfig(model=model))
+    backbone = loaded_backbone(args)
+    model = backbone.config.model
     configs = [TrainConfig.preset("causal_cpu", task, seed=k, max_steps=args.steps, eval_every=args.steps,
                                   eval_examples=8, progress=False, backbone={"model": model})
                for k, task in enumerate(args.tasks)]
