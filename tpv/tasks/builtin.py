@@ -1,4 +1,4 @@
-"""The built-in tasks: real data that ``tpv data fetch`` reads out of pinned package archives (see DATA.md).
+"""The built-in tasks: real data that ``tpv data fetch`` reads out of pinned package archives (`tpv.data_fetch.ARCHIVES`).
 
 Label strings are short lowercase words so rank classification scores a token or two per class, and tasks meant
 to transfer share words: the NLI tasks use true/false/neither or no/yes, the sentiment tasks negative/positive.
