@@ -216,3 +216,36 @@ def test_a_recomputing_pack_ends_where_a_plain_one_does(tasks, causal):
     plain = train_pack(configs, causal, per_pass=3)
     for got, want in zip(train_pack(configs, causal, recompute=True, per_pass=3), plain):
         torch.testing.assert_close(got.tuned, want.tuned, **TOL)
+
+
+def test_pack_grid_script_stores_every_best_vector_and_snapshot(causal, tasks, tmp_path):
+    """scripts/pack_grid.py (the grid without Ray, for a lent GPU): one pack, every prompt's best vector, origin and
+    snapshots in the store, test scores in the summary."""
+    import importlib.util
+    from pathlib import Path
+
+    from tpv.store import VectorStore
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "pack_grid.py"
+    spec = importlib.util.spec_from_file_location("pack_grid", path)
+    pack_grid = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pack_grid)
+    store, out = tmp_path / "store", tmp_path / "summary.json"
+    assert pack_grid.main([
+        "--tasks", tasks["yesno"], tasks["topic"], "--seeds", "0", "1", "--snapshots", "2", "--store", str(store),
+        "--source", "grid", "--test-examples", "6", "--out", str(out), "--set", f"backbone.model={causal.config.model}",
+        "backbone.dtype=float32", "prompt_length=4", "max_steps=4", "eval_every=2", "eval_examples=null",
+        "batch_size=4", "warmup_steps=1", "lr=0.3"]) == 0
+    summary = json.loads(out.read_text())
+    assert sorted((r["task"], r["seed"]) for r in summary["runs"]) == sorted(
+        (t, s) for t in (tasks["yesno"], tasks["topic"]) for s in (0, 1))
+    assert all(r["steps"] == 4 and 0.0 <= r["test_accuracy"] <= 1.0 for r in summary["runs"])
+    metas = VectorStore(store).list()
+    by_source = {src: sorted((m.task, m.origin_seed) for m in metas if m.source == src) for src in ("grid", "grid@2")}
+    assert by_source["grid"] == by_source["grid@2"] and len(by_source["grid"]) == 4
+    assert len(metas) == 8
+    vectors = VectorStore(store)
+    snap = {(m.task, m.origin_seed): vectors.get(m.vector_id) for m in metas if m.source == "grid@2"}
+    assert all(v.meta.metrics["step"] == 2.0 for v in snap.values())
+    origin = vectors.get_origin(causal.backbone_id, 4, 0)
+    torch.testing.assert_close(origin, make_origin(causal, 4, 0))

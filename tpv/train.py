@@ -165,6 +165,22 @@ class TrainResult(BaseModel):
         )
 
 
+def snapshot_source(source_tag: str | None, step: int) -> str:
+    """The VectorMeta.source of a run's snapshot at `step` (its prompt as it was then, not its best)."""
+    return f"{source_tag}@{step}"
+
+
+def snapshot_vector(config: TrainConfig, state: TrainCheckpoint, origin: Tensor, backbone_id: str,
+                    source_tag: str | None, metrics: dict[str, float]) -> TaskPromptVector:
+    """The prompt at `state.step` as a vector tagged `snapshot_source(source_tag, step)`: training length becomes a
+    dimension of a study or grid at no extra training."""
+    return TaskPromptVector.from_prompts(
+        state.prompt, origin, task=config.task, backbone_id=backbone_id, origin_seed=config.seed,
+        source=snapshot_source(source_tag, state.step), train_config=config.model_dump(mode="json"),
+        metrics={**metrics, "step": float(state.step)},
+    )
+
+
 Callback = Callable[[int, dict[str, float], TrainCheckpoint], None]
 
 

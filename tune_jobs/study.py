@@ -35,7 +35,7 @@ from tpv.backbone import BackboneConfig
 from tpv.bundled import DEFAULT_BACKBONE
 from tpv.paths import atomic_write
 from tpv.tasks import require_data
-from tpv.train import PRESETS, PresetName, TrainConfig
+from tpv.train import PRESETS, PresetName, TrainConfig, snapshot_source
 from tune_jobs.config import (
     JobConfig,
     JobConfigError,
@@ -49,7 +49,7 @@ from tune_jobs.grid import TrialsFailed, plan_packs, run_grid, short_hash, specs
 from tune_jobs.locations import add_location_args
 from tune_jobs.runtime import init_ray, load_backbone, set_threads
 from tune_jobs.tables import csv_text, markdown_table, print_result
-from tune_jobs.trial import TrialSpec, snapshot_source
+from tune_jobs.trial import TrialSpec
 
 
 class StudyConfig(JobConfig):

@@ -19,8 +19,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from tpv.backbone import Backbone, backbone_id_for
-from tpv.train import TrainConfig
-from tpv.vectors import TaskPromptVector
+from tpv.train import TrainConfig, snapshot_source, snapshot_vector
 from tune_jobs.runtime import load_backbone, set_threads
 
 if TYPE_CHECKING:
@@ -55,11 +54,6 @@ def stored_pairs(store, backbone_id: str, task: str, seed: int, prompt_length: i
     """Task vectors already stored for (backbone, task, origin seed[, L]) by the job tagged `source`."""
     metas = store.list(backbone_id, task=task, seed=seed, kind="task")
     return [m for m in metas if (prompt_length is None or m.prompt_length == prompt_length) and m.source == source]
-
-
-def snapshot_source(source_tag: str | None, step: int) -> str:
-    """The VectorMeta.source of a trial's snapshot at `step`."""
-    return f"{source_tag}@{step}"
 
 
 def numeric(metrics: dict[str, Any]) -> dict[str, float]:
@@ -201,10 +195,8 @@ def train_trial(config: dict[str, Any], after_checkpoint: Callable[[TrialSpec, i
                 tag = snapshot_source(spec.source_tag, e.step)
                 bb_id, length = backbone.backbone_id, e.state.prompt.shape[0]
                 if not stored_pairs(out, bb_id, cfg.task, cfg.seed, length, tag):  # once, even on retry
-                    out.put(TaskPromptVector.from_prompts(
-                        e.state.prompt, make_origin(backbone, length, cfg.seed), task=cfg.task, backbone_id=bb_id,
-                        origin_seed=cfg.seed, source=tag, train_config=cfg.model_dump(mode="json"),
-                        metrics={**numeric(e.metrics), "step": float(e.step)}))
+                    out.put(snapshot_vector(cfg, e.state, make_origin(backbone, length, cfg.seed), bb_id,
+                                            spec.source_tag, numeric(e.metrics)))
             shown[spec.label] = {**numeric(e.metrics), "total_steps": totals[i],
                                  "resumed_from": resumed_from.get(i, 0.0)}
         with tempfile.TemporaryDirectory(prefix="tpv-ckpt-") as folder:
