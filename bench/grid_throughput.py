@@ -107,17 +107,53 @@ def side(config, pack: int | str, cpus_per_trial: int, cpus: int, work: Path) ->
     return {"wall": wall, "peak": memory.peak, "vectors": vectors}
 
 
+def side_without_ray(configs, packed: bool) -> dict:
+    """`--without-ray`: the same two sides in this process, for a box with torch but no Ray (a lent GPU). The
+    per-run side loads the model and trains one run at a time, as one trial per run does on one GPU; the packed side
+    loads it once and trains every run as one pack. Ray's actor start-up is left out of both, so R here is a lower
+    bound of the sweep's. Peak memory is the GPU's peak allocation (None on a CPU, where one process cannot tell the
+    sides apart)."""
+    import torch
+
+    from tpv.backbone import Backbone
+    from tpv.packed import train_pack
+
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    vectors = {}
+    for group in ([configs] if packed else [[c] for c in configs]):
+        backbone = Backbone.load(group[0].backbone)  # every trial loads its own model
+        for config, result in zip(group, train_pack(group, backbone)):
+            vectors[(config.task, config.seed)] = (result.tuned - result.origin).float().cpu()
+        del backbone
+    if cuda:
+        torch.cuda.synchronize()
+    return {"wall": time.perf_counter() - start, "vectors": vectors,
+            "peak": torch.cuda.max_memory_allocated() if cuda else None}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_grid_args(p, ["rotten_tomatoes", "tweets", "sms_spam", "trec"], steps=8, cpus_help="CPUs of each side", rounds=1)
     p.add_argument("--sides", nargs="+", choices=SIDES, default=list(SIDES),
                    help="which sides to run (per-run always runs: the others are compared with it)")
+    p.add_argument("--without-ray", action="store_true", help="packed vs per-run in this process, no Ray "
+                   "(`side_without_ray`): for a machine without Ray")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="the backbone's dtype (auto: bfloat16 on a GPU, float32 on a CPU)")
     args = p.parse_args(argv)
+
+    model = prepared_model(args)
+    train = {"max_steps": args.steps, "eval_every": args.steps, "eval_examples": args.eval_examples,
+             "backbone": {"dtype": args.dtype}}
+    if args.without_ray:
+        return main_without_ray(args, model, train)
 
     from tune_jobs.sweep import SweepConfig
 
-    model = prepared_model(args)
-    train = {"max_steps": args.steps, "eval_every": args.steps, "eval_examples": args.eval_examples}
     config = SweepConfig(name="bench", tasks=args.tasks, seeds=args.seeds, backbones=[model], train=train)
     runs = len(config.train_configs())
     print(f"{runs} runs of {args.steps} steps (preset {config.preset}: batch 8) on {model}, {args.cpus} CPUs a side",
@@ -158,6 +194,40 @@ def main(argv: list[str] | None = None) -> int:
         **{f"{name}_s": [round(x, 1) for x in walls[name]] for name in sides},
         **{f"{name}_peak_gib": [round(x / 2**30, 2) for x in peaks[name]] for name in sides},
         "runs": runs, "steps": args.steps, "cpus": args.cpus, "model": model,
+    }))
+    return 0
+
+
+def main_without_ray(args: argparse.Namespace, model: str, train: dict) -> int:
+    """Packed vs per-run in this process over `--rounds`, sides alternating; the same JSON keys as `main`."""
+    from tpv.train import TrainConfig
+
+    configs = [TrainConfig.preset("causal_cpu", task, **{**train, "seed": seed, "progress": False,
+                                                         "backbone": {**train["backbone"], "model": model}})
+               for task in args.tasks for seed in args.seeds]
+    print(f"{len(configs)} runs of {args.steps} steps in this process (no Ray) on {model}", flush=True)
+    walls: dict[str, list[float]] = {"per-run": [], "packed": []}
+    peaks: dict[str, list] = {"per-run": [], "packed": []}
+    diffs, abs_diffs = [], []
+    for r in range(args.rounds):
+        found = {}
+        for name in (["per-run", "packed"] if r % 2 == 0 else ["packed", "per-run"]):
+            found[name] = side_without_ray(configs, packed=name == "packed")
+            walls[name].append(found[name]["wall"])
+            peaks[name].append(found[name]["peak"])
+            print(f"round {r}: {name} {found[name]['wall']:.1f}s", flush=True)
+        single, packed = found["per-run"]["vectors"], found["packed"]["vectors"]
+        diffs += [float((packed[k] - single[k]).norm() / single[k].norm()) for k in single]
+        abs_diffs += [float((packed[k] - single[k]).abs().max() / single[k].abs().max()) for k in single]
+    measured = None not in peaks["packed"]
+    print(json.dumps({
+        "packed_vs_trials_wall": round(sum(walls["per-run"]) / sum(walls["packed"]), 3),
+        "packed_vs_trials_peak_rss": round(statistics.mean(peaks["packed"]) / statistics.mean(peaks["per-run"]), 3)
+        if measured else None,
+        "max_vector_diff": max(diffs), "max_abs_diff": max(abs_diffs),
+        **{f"{name}_s": [round(x, 1) for x in walls[name]] for name in walls},
+        **({f"{name}_peak_gib": [round(x / 2**30, 2) for x in peaks[name]] for name in peaks} if measured else {}),
+        "runs": len(configs), "steps": args.steps, "model": model, "dtype": args.dtype, "ray": False,
     }))
     return 0
 

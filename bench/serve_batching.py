@@ -1,6 +1,6 @@
 """Heterogeneous batching throughput: 32 requests with 32 DIFFERENT compositions in one forward, side by side with
 the same 32 requests under ONE composition, with one forward pass per request (the per-adapter pattern, prompt
-recomputed for every request as PEFT does), and with the bare model (same inputs, no prompt: the physical floor).
+recomputed for every request as PEFT does), and with the bare model (same inputs, a one-token prompt: the floor).
 
 Everything is the serving path of `serve.batching` (PromptServer entries with cached prompt keys/values,
 `score_batch`) on the real default backbone, without Ray. Modes alternate round by round so machine noise hits all
@@ -116,7 +116,8 @@ def main() -> None:
     build_ms = (time.perf_counter() - t0) * 1000 / n
     srcs = sources(n, args.input_tokens, backbone.tokenizer)
     lengths = [len(x) for x in backbone.tokenizer(srcs, add_special_tokens=False)["input_ids"]]
-    bare_prompt = torch.zeros(1, 0, backbone.hidden_size, device=device, dtype=backbone.dtype)
+    # the backbone takes no prompt-less input: the floor is a one-token prompt, recomputed (1 of ~40 input tokens)
+    bare_prompt = torch.zeros(1, 1, backbone.hidden_size, device=device, dtype=backbone.dtype)
 
     mixed_items = [ScoreItem(entries[i], [srcs[i]], tuple(LABELS)) for i in range(n)]
     single_items = [ScoreItem(entries[0], [srcs[i]], tuple(LABELS)) for i in range(n)]

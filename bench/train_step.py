@@ -5,6 +5,7 @@ machine noise hits both alike. PEFT computes logits over every position and the 
 target positions. Last line: {"tpv_vs_peft_step_throughput": R} (examples/s ratio, > 1 means tpv is faster).
 
     python bench/train_step.py [--backbone smollm2-135m-instruct] [--batch 8] [--prompt-length 20] [--rounds 5]
+                               [--prompts K]    # K prompts in one tpv step (a pack) vs K PEFT steps
 """
 
 from __future__ import annotations
@@ -41,12 +42,14 @@ def batch(size: int, source_tokens: int, tokenizer) -> tuple[list[str], list[str
     return sources, targets
 
 
-def tpv_step(backbone: Backbone, length: int, sources: list[str], targets: list[str]):
-    prompt = SoftPrompt(make_origin(backbone, length, 0)).to(backbone.device)
-    optimizer = torch.optim.AdamW(prompt.parameters(), lr=0.3)
+def tpv_step(backbone: Backbone, length: int, sources: list[str], targets: list[str], prompts: int = 1):
+    """One step of `prompts` prompts (different origins) in ONE forward and backward, as a pack steps on a GPU."""
+    soft = [SoftPrompt(make_origin(backbone, length, seed)).to(backbone.device) for seed in range(prompts)]
+    optimizer = torch.optim.AdamW([p.weight for p in soft], lr=0.3)
 
     def step() -> None:
-        loss = backbone.loss(prompt(), sources, targets)
+        stacked = soft[0]() if prompts == 1 else torch.cat([p().expand(len(sources), -1, -1) for p in soft])
+        loss = backbone.loss(stacked, sources * prompts, targets * prompts)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -101,21 +104,24 @@ def main() -> None:
     parser.add_argument("--prompt-length", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps-per-round", type=int, default=3)
+    parser.add_argument("--prompts", type=int, default=1, help="K prompts per tpv step (a pack), against K PEFT "
+                        "steps (PEFT trains one active adapter per forward)")
     args = parser.parse_args()
 
     config = BackboneConfig(model=args.backbone)
     backbone = Backbone.load(config)
     sources, targets = batch(args.batch, args.source_tokens, backbone.tokenizer)
-    ours = tpv_step(backbone, args.prompt_length, sources, targets)
+    ours = tpv_step(backbone, args.prompt_length, sources, targets, args.prompts)
     theirs = peft_step(config, args.prompt_length, sources, targets)
     ours(), theirs()  # warm-up
     ratios = []
     for r in range(args.rounds):
-        t_ours = timed(ours, args.steps_per_round)
+        t_ours = timed(ours, args.steps_per_round) / args.prompts  # per prompt-step
         t_theirs = timed(theirs, args.steps_per_round)
         ratios.append(t_theirs / t_ours)
         print(f"round {r}: tpv {args.batch / t_ours:.1f} ex/s, peft {args.batch / t_theirs:.1f} ex/s, ratio {ratios[-1]:.2f}", flush=True)
-    print(f"device {backbone.device}, dtype {backbone.dtype}, batch {args.batch}, source tokens {args.source_tokens}, prompt {args.prompt_length}")
+    print(f"device {backbone.device}, dtype {backbone.dtype}, batch {args.batch}, source tokens {args.source_tokens}, "
+          f"prompt {args.prompt_length}, prompts per tpv step {args.prompts}")
     print(json.dumps({"tpv_vs_peft_step_throughput": round(statistics.median(ratios), 3)}))
 
 
