@@ -10,8 +10,8 @@ Plain Python (no Ray import) so it is tested directly; `serve.app` wraps it in `
   prompt cache are dropped, so a vector or named composition replaced in the store is never served stale after
   the reload window.
 - `score_batch`: many (composition, sources, labels) requests -> ONE `backbone.score_labels` forward per prompt
-  length, rows of different compositions stacked with a per-row prefix (causal) or a per-row prompt tensor
-  (seq2seq). Different label sets share that forward when every label is one token (causal: all scores come from
+  length, rows of different compositions stacked with a per-row prefix (causal, on a CPU) or a per-row prompt
+  tensor (seq2seq, and causal on a GPU: `gathers_prefixes`). Different label sets share that forward when every label is one token (causal: all scores come from
   the last position); otherwise each label set is its own group (one forward each).
 - `generate_batch`: many generation requests -> ONE decoding loop (`tpv.generate.decode`), every row started from
   its composition's cached keys/values whatever its prompt length, each row with its own sampling params; yields
@@ -198,13 +198,22 @@ class BatchReport:
     groups: list[dict] = field(default_factory=list)
 
 
+def gathers_prefixes(device: str) -> bool:
+    """Whether a batch of several compositions gathers their cached keys/values (a CPU) or recomputes their prompts
+    in the batch's forward (a GPU). A CPU pass is compute-bound: the cache saves the prompt's arithmetic. A GPU pass
+    of a small model is launch-bound: gathering costs a concatenation per layer for keys and values, which was slower
+    than recomputing the prompt rows (`bench/serve_batching.py` on an H100, bf16: the cache 0.81x of recomputing)."""
+    return not device.startswith("cuda")
+
+
 def _stacked_prompt(backbone: Backbone, entries: Sequence[PromptEntry], row_of: list[int]) -> Tensor | PromptPrefix:
-    """The per-row prompt of a batch: row r uses entries[row_of[r]]; each distinct composition's cached keys/values
-    (causal) or prompt (seq2seq) is gathered, never recomputed."""
+    """The per-row prompt of a batch: row r uses entries[row_of[r]]. One composition broadcasts its cached
+    keys/values (causal); several gather theirs where `gathers_prefixes`, else stack their prompts."""
     if not backbone.is_seq2seq and all(e.prefix is not None for e in entries):
         if len(entries) == 1:
             return entries[0].prefix  # a 1-row prefix broadcasts to every row
-        return PromptPrefix.cat([entries[j].prefix for j in row_of])  # type: ignore[misc]  # one copy, row order
+        if gathers_prefixes(str(backbone.device)):
+            return PromptPrefix.cat([entries[j].prefix for j in row_of])  # type: ignore[misc]  # one copy, row order
     if len(entries) == 1:
         return entries[0].prompt.unsqueeze(0)
     return torch.stack([entries[j].prompt for j in row_of])

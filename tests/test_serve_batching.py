@@ -18,10 +18,12 @@ from serve.batching import (
     PromptEntry,
     PromptServer,
     ScoreItem,
+    _stacked_prompt,
+    gathers_prefixes,
     generate_batch,
     score_batch,
 )
-from tpv.backbone import Backbone, BackboneConfig
+from tpv.backbone import Backbone, BackboneConfig, PromptPrefix
 from tpv.compose import Composer, CompositionSpec
 from tpv.generate import SamplingParams, Transcript
 from tpv.prompt import make_origin
@@ -112,6 +114,17 @@ def test_mixed_batch_one_forward_equals_each_alone(which, request, tmp_path):
     a = score_batch(backbone, [ScoreItem(entries[0], SOURCES[:2], ONE_TOKEN)])[0][0]
     b = score_batch(backbone, [ScoreItem(entries[1], SOURCES[:2], ONE_TOKEN)])[0][0]
     assert (a - b).abs().max() > 1e-3
+
+
+def test_mixed_compositions_gather_cached_keys_values_on_a_cpu_and_stack_prompts_on_a_gpu(causal, tmp_path):
+    assert gathers_prefixes("cpu") and not gathers_prefixes("cuda:0")
+    server = PromptServer(causal, _store(tmp_path, causal), reload_interval_s=3600)
+    entries = [server.entry(s) for s in _specs(causal)[:2]]
+    gathered = _stacked_prompt(causal, entries, [0, 1, 1])  # this backbone is on the CPU
+    assert isinstance(gathered, PromptPrefix) and gathered.rows == 3
+    stacked = torch.stack([entries[j].prompt for j in [0, 1, 1]])  # what a GPU batch runs
+    torch.testing.assert_close(causal.score_labels(gathered, SOURCES[:3], list(ONE_TOKEN)),
+                               causal.score_labels(stacked, SOURCES[:3], list(ONE_TOKEN)), atol=1e-4, rtol=0)
 
 
 def test_causal_entries_carry_the_prompt_prefix_and_are_reused(causal, tmp_path):
