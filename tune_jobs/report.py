@@ -84,8 +84,8 @@ def per_task_cross_seed(metas, matrix) -> list[dict[str, Any]]:
         same = [float(matrix[i, j]) for a, i in enumerate(idx) for j in idx[a + 1:]
                 if metas[i].origin_seed != metas[j].origin_seed]
         other = [float(matrix[i, j]) for i in idx for j in range(len(metas)) if metas[j].task != task]
-        rows.append({"task": task, "vectors": len(idx), "cross-seed (same task)": pm(same, 2),
-                     "vs other tasks": pm(other, 2)})
+        rows.append({"task": task, "vectors": len(idx), "cross-seed (same task)": pm(same, 3),
+                     "vs other tasks": pm(other, 3)})
     return rows
 
 
@@ -147,9 +147,9 @@ def similarity_report(store_uri: str, out_dir: str | Path, backbone_id: str | No
     columns = ["pairs", "n", "mean", "std", "min", "max"]
     md = [f"# Task prompt vector similarity ({backbone_id}, {len(metas)} vectors, {shape})", "",
           "## Summary (flat cosine of the flattened vectors, the paper's measure)", "",
-          markdown_table(summary["flat"], columns, 2), "",
-          "## Summary (mean of per-row cosines)", "", markdown_table(summary["per_row_mean"], columns, 2), "",
-          "## Summary (cosine of the row-averaged vectors)", "", markdown_table(summary["row_averaged"], columns, 2),
+          markdown_table(summary["flat"], columns, 3), "",
+          "## Summary (mean of per-row cosines)", "", markdown_table(summary["per_row_mean"], columns, 3), "",
+          "## Summary (cosine of the row-averaged vectors)", "", markdown_table(summary["row_averaged"], columns, 3),
           "", "## Per task (flat cosine)", "",
           markdown_table(per_task, ["task", "vectors", "cross-seed (same task)", "vs other tasks"]),
           "", "## Flat cosine matrix", "", flat_table, ""]
