@@ -11,6 +11,7 @@ import torch
 from tiny_models import build_tiny_causal
 
 from tpv.backbone import Backbone, BackboneConfig
+from tpv.packed import recomputed_layers
 from tpv.prompt import make_origin
 
 SOURCES = ["the movie was great", "", "what is the capital of france?"]
@@ -85,13 +86,18 @@ def test_a_label_that_begins_another_can_win(causal):
     assert scores.argmax().item() == 1
 
 
+@pytest.mark.parametrize("recompute", [False, True], ids=["cached-tails", "recomputed-layers"])
 @pytest.mark.parametrize("labels,end", LABEL_SETS)
-def test_label_loss_trains_on_the_same_scores(causal, labels, end):
-    """The loss and its gradient: multi-token labels run after each source's cached keys/values, one source pass."""
+def test_label_loss_trains_on_the_same_scores(causal, labels, end, recompute):
+    """The loss and its gradient: multi-token labels run after each source's keys/values, one source pass; with
+    layers recomputed in the backward pass (activation checkpointing) as (source, label) rows instead."""
     prompt = make_origin(causal, 4, seed=3).requires_grad_(True)
     gold = [1, 0, 2 % len(labels)]
-    loss = causal.label_loss(prompt, SOURCES, labels, gold)
-    (grad,) = torch.autograd.grad(loss, prompt)
+    with recomputed_layers(causal, on=recompute):
+        assert causal.recomputing is recompute
+        loss = causal.label_loss(prompt, SOURCES, labels, gold)
+        (grad,) = torch.autograd.grad(loss, prompt)
+    assert not causal.recomputing
     ref = torch.stack([torch.stack([reference_score(causal, prompt, s, lab, end) for lab in labels]) for s in SOURCES])
     ref_loss = torch.nn.functional.cross_entropy(ref, torch.tensor(gold))
     (ref_grad,) = torch.autograd.grad(ref_loss, prompt)

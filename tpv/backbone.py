@@ -143,6 +143,9 @@ class Backbone:
         self.bos_ids = [] if self.is_seq2seq else _leading_bos(tokenizer)
         text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         self._softcap = getattr(text_config, "final_logit_softcapping", None)
+        # set by `tpv.packed.recomputed_layers`: a layer re-run in the backward pass would append to a cache twice,
+        # so training's tensor prompts then score multi-token labels as (source, label) rows, without keys/values
+        self.recomputing = False
 
     @classmethod
     def load(cls, config: BackboneConfig | str | None = None) -> Backbone:
@@ -246,10 +249,11 @@ class Backbone:
         predicts input token i (index 0: the prompt's last position; index T: after the last input token)."""
         return self._input_states(prompt, ids, mask)[0]
 
-    def _input_states(self, prompt: Prompt, ids: Tensor, mask: Tensor) -> tuple[Tensor, object | None, Tensor]:
-        """`_input_hidden`, with the attention mask of prompt + inputs [B, L + T] and, for a `PromptPrefix`, their
-        keys/values (a transformers cache): what tokens that continue the rows need (`_label_tail_scores`). A
-        tensor prompt (training) keeps none: layers recomputed in the backward pass would append to it twice."""
+    def _input_states(self, prompt: Prompt, ids: Tensor, mask: Tensor, keep_cache: bool = False
+                      ) -> tuple[Tensor, object | None, Tensor]:
+        """`_input_hidden`, with the attention mask of prompt + inputs [B, L + T] and their keys/values (a
+        transformers cache; a tensor prompt keeps them only with `keep_cache`): what tokens that continue the rows
+        need (`_label_tail_scores`)."""
         rows, width = ids.shape
         if isinstance(prompt, PromptPrefix):
             prefix = prompt if prompt.rows == rows else prompt.select(torch.zeros(rows, dtype=torch.long, device=self.device))
@@ -266,8 +270,8 @@ class Backbone:
         length = prompts.shape[1]
         embeds = torch.cat([prompts, self.embed(ids)], dim=1)
         full_mask = torch.cat([torch.ones(rows, length, dtype=mask.dtype, device=self.device), mask], dim=1)
-        out = self.model.base_model(inputs_embeds=embeds, attention_mask=full_mask, use_cache=False)
-        return out.last_hidden_state[:, length - 1 :], None, full_mask
+        out = self.model.base_model(inputs_embeds=embeds, attention_mask=full_mask, use_cache=keep_cache)
+        return out.last_hidden_state[:, length - 1 :], out.past_key_values if keep_cache else None, full_mask
 
     def _cache(self, layers: tuple[tuple[Tensor, Tensor], ...]):
         """A transformers cache holding `layers` (later steps concatenate: the tensors given are never modified)."""
@@ -358,9 +362,9 @@ class Backbone:
         string). When one label's tokens begin another's ('true' / 'true story'), P(begins with 'true') contains
         P('true story') and the longer label could never win: only then are labels scored as complete strings, tokens
         then EOS. On causal backbones each source runs once: every label's first token is scored from the state
-        after it (B rows, all a set of single-token labels needs); with a cached prompt (`PromptPrefix`: evaluation,
-        serving), longer labels' other tokens run after the source's keys/values (`_label_tail_scores`). Otherwise
-        (training's tensor prompts, seq2seq) each (source, label) pair of a multi-token set is a row.
+        after it (B rows, all a set of single-token labels needs), and longer labels' other tokens run after the
+        source's keys/values (`_label_tail_scores`). Otherwise (seq2seq, and layers being recomputed: `recomputing`)
+        each (source, label) pair of a multi-token set is a row.
         """
         self._check_rows(prompt, len(sources))
         if not labels:
@@ -368,10 +372,10 @@ class Backbone:
         label_ids = self.label_token_ids(labels)
         rows, n_labels = len(sources), len(labels)
         single = all(len(t) == 1 for t in label_ids)
-        if not self.is_seq2seq and (single or isinstance(prompt, PromptPrefix)):
+        if not self.is_seq2seq and (single or isinstance(prompt, PromptPrefix) or not self.recomputing):
             source_ids = self._source_ids(sources)
             ids, mask = self._pad(source_ids)
-            hidden, cache, full_mask = self._input_states(prompt, ids, mask)
+            hidden, cache, full_mask = self._input_states(prompt, ids, mask, keep_cache=not single)
             last = torch.tensor([len(s) for s in source_ids], device=self.device)
             logp = self._logprobs_at(hidden[torch.arange(rows, device=self.device), last])
             scores = logp[:, torch.tensor([t[0] for t in label_ids], device=self.device)]

@@ -148,9 +148,11 @@ def recomputed_layers(backbone: Backbone, on: bool = True):
         forward = layer.forward
         layer.forward = lambda *args, _forward=forward, **kwargs: checkpoint(
             partial(_forward, **kwargs), *args, use_reentrant=False)
+    backbone.recomputing = bool(layers)
     try:
         yield
     finally:
+        backbone.recomputing = False
         for layer in layers:
             del layer.forward
 
