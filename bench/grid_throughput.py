@@ -34,7 +34,6 @@ from pathlib import Path
 
 from grid_args import add_grid_args, prepared_model
 
-
 #: the sides: name -> its pack (the packed side packs every run into one trial)
 SIDES = {"packed": "all", "per-run": 1, "auto": "auto"}
 

@@ -19,12 +19,20 @@ import time
 from pathlib import Path
 
 from tpv.backbone import Backbone
+from tpv.cli import guarded
+from tpv.errors import InvalidInput
 from tpv.evaluate import evaluate
 from tpv.packed import Evaluation, train_pack
 from tpv.prompt import make_origin
 from tpv.store import VectorStore
 from tpv.tasks import get_task, load_split
-from tpv.train import PRESETS, TrainConfig, TrainResult, prompt_length_for, snapshot_vector
+from tpv.train import (
+    PRESETS,
+    TrainConfig,
+    TrainResult,
+    prompt_length_for,
+    snapshot_vector,
+)
 from tune_jobs.config import parse_overrides
 
 
@@ -45,6 +53,11 @@ def main(argv: list[str] | None = None) -> int:
     overrides = {"progress": False, **parse_overrides(args.set)}
     configs = [TrainConfig.preset(args.preset, task, **{**overrides, "seed": seed})
                for task in args.tasks for seed in args.seeds]
+    every, last = configs[0].eval_every, configs[0].max_steps
+    late = [s for s in args.snapshots if s % every and s != last]
+    if late:
+        raise InvalidInput(f"--snapshots {late}: a snapshot is taken at an evaluation, so each step must be a "
+                           f"multiple of eval_every ({every}) or the last step")
     started = time.perf_counter()
     backbone = Backbone.load(configs[0].backbone)
     store = VectorStore(args.store)
@@ -85,4 +98,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(guarded(main))

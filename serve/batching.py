@@ -11,8 +11,9 @@ Plain Python (no Ray import) so it is tested directly; `serve.app` wraps it in `
   the reload window.
 - `score_batch`: many (composition, sources, labels) requests -> ONE `backbone.score_labels` forward per prompt
   length, rows of different compositions stacked with a per-row prefix (causal, on a CPU) or a per-row prompt
-  tensor (seq2seq, and causal on a GPU: `gathers_prefixes`). Different label sets share that forward when every label is one token (causal: all scores come from
-  the last position); otherwise each label set is its own group (one forward each).
+  tensor (seq2seq, and causal on a GPU: `gathers_prefixes`). Different label sets share that forward when every
+  label is one token (causal: all scores come from the last position); otherwise each label set is its own group
+  (one forward each).
 - `generate_batch`: many generation requests -> ONE decoding loop (`tpv.generate.decode`), every row started from
   its composition's cached keys/values whatever its prompt length, each row with its own sampling params; yields
   each request's new text per step (streaming) and rows leave as they finish.

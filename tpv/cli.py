@@ -12,6 +12,7 @@ import argparse
 import importlib
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -319,16 +320,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+def guarded(run: Callable[[], int | None]) -> int:
+    """Run a command and turn tpv's errors (and pydantic's, and the user's own files' OS errors) into one line on
+    stderr and an exit code, by type: bad input never ends in a traceback. Scripts outside the `tpv` command use it
+    too (`scripts/pack_grid.py`)."""
     try:
-        if argv and argv[0] in DELEGATED:
-            module, _, function = DELEGATED[argv[0]].partition(":")
-            return int(getattr(importlib.import_module(module), function)(argv[1:]) or 0)
-        args = build_parser().parse_args(argv)
-        if args.command == "train" and not (args.task or args.config):
-            build_parser().error("train needs --task or --config")
-        args.func(args)
+        return int(run() or 0)
     except ValidationError as exc:
         fields = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'input'}: {e['msg']}" for e in exc.errors())
         print(f"error: {exc.title}: {fields}", file=sys.stderr)
@@ -339,7 +336,22 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:  # the user's own files: a path that does not exist, a folder without permission
         print(f"error: {exc}", file=sys.stderr)
         return 1
+
+
+def _dispatch(argv: list[str]) -> int | None:
+    if argv and argv[0] in DELEGATED:
+        module, _, function = DELEGATED[argv[0]].partition(":")
+        return getattr(importlib.import_module(module), function)(argv[1:])
+    args = build_parser().parse_args(argv)
+    if args.command == "train" and not (args.task or args.config):
+        build_parser().error("train needs --task or --config")
+    args.func(args)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    return guarded(lambda: _dispatch(argv))
 
 
 if __name__ == "__main__":
