@@ -256,6 +256,31 @@ def test_cross_origin_table(swept, tiny_causal_path, tmp_path, capsys):
     assert result["table"][0]["task"] == "imdb" and "own origin (O_i + tau_i)" in result["markdown"]
 
 
+def test_cross_origin_table_reads_only_the_named_job_vectors(swept, tiny_causal_path, tmp_path):
+    """`--vectors-source` narrows the cross-origin table as it narrows the similarity tables: another job's vector
+    of the same (task, seed), a snapshot say, is left out."""
+    import shutil
+
+    from tpv.vectors import TaskPromptVector
+    from tune_jobs.report import cross_origin_report
+
+    _, _, swept_store = swept
+    store = tmp_path / "store"
+    shutil.copytree(swept_store, store)
+    vectors = VectorStore(store)
+    sweep = vectors.list(task="imdb", seed=0)[0]
+    origin = vectors.get_origin(sweep.backbone_id, sweep.prompt_length, 0)
+    vectors.put(TaskPromptVector.from_prompts(origin + 0.5 * vectors.get(sweep.vector_id).tensor, origin, task="imdb",
+                                              backbone_id=sweep.backbone_id, origin_seed=0,
+                                              source=f"{sweep.source}@4"))
+    everything = cross_origin_report(str(store), tmp_path, str(tiny_causal_path), ["imdb"], [0, 1], test_examples=4)
+    named = cross_origin_report(str(store), tmp_path, str(tiny_causal_path), ["imdb"], [0, 1], test_examples=4,
+                                source=sweep.source)
+    assert everything["table"][0]["vectors"] == 3 and named["table"][0]["vectors"] == 2
+    assert {r["vector"] for r in named["rows"] if r["kind"] != "origin only"} == {
+        m.vector_id for m in vectors.list(task="imdb") if m.source == sweep.source}
+
+
 def test_transfer_runs_every_init_and_writes_tables(swept, tiny_causal_path, tmp_path):
     from tune_jobs.locations import Locations
     from tune_jobs.transfer import TransferConfig, run_transfer

@@ -195,8 +195,10 @@ def _cross_origin_for_task(store_uri: str, backbone: dict, task: str, vector_ids
 def cross_origin_report(store_uri: str, out_dir: str | Path, backbone_model: str | None = None,
                         tasks: list[str] | None = None, seeds: list[int] | None = None,
                         test_examples: int | None = 200, cpus: float = 1.0, gpus: float = 0.0,
-                        max_source_tokens: int | None = None, name: str = "similarity") -> dict[str, Any]:
-    """Own-origin vs other-origin test metric per task (the paper's Table 1 shape), one Ray task per task."""
+                        max_source_tokens: int | None = None, name: str = "similarity",
+                        source: str | None = None) -> dict[str, Any]:
+    """Own-origin vs other-origin test metric per task (the paper's Table 1 shape), one Ray task per task; with
+    `source`, only the vectors that job wrote (`select_vectors`, as the similarity tables)."""
     import ray
 
     from tpv.backbone import BackboneConfig, backbone_id_for
@@ -205,7 +207,7 @@ def cross_origin_report(store_uri: str, out_dir: str | Path, backbone_model: str
 
     store = VectorStore(store_uri)
     model = backbone_model or DEFAULT_BACKBONE
-    metas, _ = select_vectors(store, backbone_id_for(model), tasks, seeds)
+    metas, _ = select_vectors(store, backbone_id_for(model), tasks, seeds, source)
     by_task: dict[str, list] = {}
     for m in metas:
         by_task.setdefault(m.task, []).append(m)
@@ -289,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
             init_ray(args.address, args.num_cpus)
         cross = cross_origin_report(loc.store, loc.out_dir, args.backbone, args.tasks, args.seeds,
                                     args.test_examples, args.cpus_per_task, args.gpus_per_task,
-                                    args.max_source_tokens, name=args.name)
+                                    args.max_source_tokens, name=args.name, source=args.vectors_source)
         print("\n" + cross["markdown"])
         for key, path in cross["paths"].items():
             print(f"{key:>14}: {path}")
