@@ -299,17 +299,26 @@ class VectorStore:
     def _remove_stale_temps(self, folder: str) -> int:
         """Delete temp files of writers killed more than STALE_TEMP_S ago; a live writer's temp is younger."""
         cutoff = time.time_ns() - int(STALE_TEMP_S * 1e9)
-        infos = self.fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
+        infos = self._listing(folder)
         stale = [i.path for i in infos if i.type == pafs.FileType.File and i.base_name.startswith(_TMP_PREFIX)
                  and i.mtime_ns is not None and i.mtime_ns < cutoff]
         return sum(self._delete_quietly(p) for p in stale)
 
+    def _listing(self, path: str, recursive: bool = False) -> list[pafs.FileInfo]:
+        """A folder's entries; a folder that does not exist (yet) has none. pyarrow's `allow_not_found` covers a
+        folder missing when the listing starts; a local listing racing a writer's `create_dir` was seen to raise
+        FileNotFoundError anyway (once, in tests/test_store_crash.py), and a reader must not fail on it."""
+        try:
+            return self.fs.get_file_info(pafs.FileSelector(path, allow_not_found=True, recursive=recursive))
+        except FileNotFoundError:
+            return []
+
     def _subdirs(self, path: str) -> list[str]:
-        infos = self.fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+        infos = self._listing(path)
         return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory and _visible(i.base_name, ""))
 
     def _files(self, path: str, suffix: str) -> list[pafs.FileInfo]:
-        infos = self.fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+        infos = self._listing(path)
         return [i for i in infos if i.type == pafs.FileType.File and _visible(i.base_name, suffix)]
 
     def backbones(self) -> list[str]:
@@ -654,7 +663,7 @@ class VectorStore:
         """Fingerprint of the published contents (names, sizes, mtimes of every published file): one recursive
         listing, no file reads, so a server can poll it. Temp files do not count."""
         h = hashlib.sha256()
-        infos = self.fs.get_file_info(pafs.FileSelector(self.root, allow_not_found=True, recursive=True))
+        infos = self._listing(self.root, recursive=True)
         for i in sorted(infos, key=lambda i: i.path):
             if i.type == pafs.FileType.File and (_visible(i.base_name, _EXT) or _visible(i.base_name, _LEGACY_EXT)):
                 mtime = i.mtime_ns if i.mtime_ns is not None else -1
