@@ -148,85 +148,64 @@ def main(argv: list[str] | None = None) -> int:
     model = prepared_model(args)
     train = {"max_steps": args.steps, "eval_every": args.steps, "eval_examples": args.eval_examples,
              "backbone": {"dtype": args.dtype}}
-    if args.without_ray:
-        return main_without_ray(args, model, train)
-
-    from tune_jobs.sweep import SweepConfig
-
-    config = SweepConfig(name="bench", tasks=args.tasks, seeds=args.seeds, backbones=[model], train=train)
-    runs = len(config.train_configs())
-    print(f"{runs} runs of {args.steps} steps (preset {config.preset}: batch 8) on {model}, {args.cpus} CPUs a side",
-          flush=True)
-
-    # (pack, CPUs per trial) of each side
-    sides = {name: (runs if name == "packed" else SIDES[name], args.cpus if name == "packed" else 1)
-             for name in SIDES if name in args.sides or name == "per-run"}
-    walls: dict[str, list[float]] = {name: [] for name in sides}
-    peaks: dict[str, list[int]] = {name: [] for name in sides}
-    diffs, abs_diffs = [], []
     work = Path(tempfile.mkdtemp(prefix="tpv-bench-grid-"))
+    if args.without_ray:  # the sweep's own configs would import Ray: the same preset and overrides, built here
+        from tpv.train import TrainConfig
+
+        configs = [TrainConfig.preset("causal_cpu", task, **{**train, "seed": seed, "progress": False,
+                                                             "backbone": {**train["backbone"], "model": model}})
+                   for task in args.tasks for seed in args.seeds]
+        sides = ["per-run", "packed"]
+        print(f"{len(configs)} runs of {args.steps} steps in this process (no Ray) on {model}", flush=True)
+
+        def run_side(name: str, r: int) -> dict:
+            return side_without_ray(configs, packed=name == "packed")
+    else:
+        from tune_jobs.sweep import SweepConfig
+
+        config = SweepConfig(name="bench", tasks=args.tasks, seeds=args.seeds, backbones=[model], train=train)
+        configs = config.train_configs()
+        print(f"{len(configs)} runs of {args.steps} steps (preset {config.preset}: batch 8) on {model}, "
+              f"{args.cpus} CPUs a side", flush=True)
+        # (pack, CPUs per trial) of each side
+        plan = {name: (len(configs) if name == "packed" else SIDES[name], args.cpus if name == "packed" else 1)
+                for name in SIDES if name in args.sides or name == "per-run"}
+        sides = list(plan)
+
+        def run_side(name: str, r: int) -> dict:
+            return side(config, *plan[name], args.cpus, work / f"r{r}-{name}")
+
+    walls: dict[str, list[float]] = {name: [] for name in sides}
+    peaks: dict[str, list[int | None]] = {name: [] for name in sides}
+    diffs, abs_diffs = [], []
     try:
         for r in range(args.rounds):
             found = {}
-            order = list(sides)[r % len(sides):] + list(sides)[:r % len(sides)]
-            for name in order:
-                pack, per_trial = sides[name]
-                found[name] = side(config, pack, per_trial, args.cpus, work / f"r{r}-{name}")
+            for name in sides[r % len(sides):] + sides[:r % len(sides)]:
+                found[name] = run_side(name, r)
                 walls[name].append(found[name]["wall"])
                 peaks[name].append(found[name]["peak"])
-                print(f"round {r}: {name} {found[name]['wall']:.1f}s, peak worker memory "
-                      f"{found[name]['peak'] / 2**30:.2f} GiB", flush=True)
+                memory = "" if found[name]["peak"] is None else f", peak memory {found[name]['peak'] / 2**30:.2f} GiB"
+                print(f"round {r}: {name} {found[name]['wall']:.1f}s{memory}", flush=True)
             single = found["per-run"]["vectors"]
             for other in set(sides) - {"per-run"}:
                 packed = found[other]["vectors"]
-                assert packed.keys() == single.keys() and len(packed) == runs, "every side stores every pair"
+                assert packed.keys() == single.keys() and len(packed) == len(configs), "every side has every pair"
                 diffs += [float((packed[k] - single[k]).norm() / single[k].norm()) for k in single]
                 abs_diffs += [float((packed[k] - single[k]).abs().max() / single[k].abs().max()) for k in single]
     finally:
         shutil.rmtree(work, ignore_errors=True)
     key = {"packed": "packed_vs_trials", "auto": "auto_vs_trials"}
+    measured = all(x is not None for xs in peaks.values() for x in xs)
     print(json.dumps({
         **{f"{key[name]}_wall": round(sum(walls["per-run"]) / sum(walls[name]), 3) for name in key if name in sides},
         **{f"{key[name]}_peak_rss": round(statistics.mean(peaks[name]) / statistics.mean(peaks["per-run"]), 3)
-           for name in key if name in sides},
+           if measured else None for name in key if name in sides},
         "max_vector_diff": max(diffs, default=None), "max_abs_diff": max(abs_diffs, default=None),
         **{f"{name}_s": [round(x, 1) for x in walls[name]] for name in sides},
-        **{f"{name}_peak_gib": [round(x / 2**30, 2) for x in peaks[name]] for name in sides},
-        "runs": runs, "steps": args.steps, "cpus": args.cpus, "model": model,
-    }))
-    return 0
-
-
-def main_without_ray(args: argparse.Namespace, model: str, train: dict) -> int:
-    """Packed vs per-run in this process over `--rounds`, sides alternating; the same JSON keys as `main`."""
-    from tpv.train import TrainConfig
-
-    configs = [TrainConfig.preset("causal_cpu", task, **{**train, "seed": seed, "progress": False,
-                                                         "backbone": {**train["backbone"], "model": model}})
-               for task in args.tasks for seed in args.seeds]
-    print(f"{len(configs)} runs of {args.steps} steps in this process (no Ray) on {model}", flush=True)
-    walls: dict[str, list[float]] = {"per-run": [], "packed": []}
-    peaks: dict[str, list] = {"per-run": [], "packed": []}
-    diffs, abs_diffs = [], []
-    for r in range(args.rounds):
-        found = {}
-        for name in (["per-run", "packed"] if r % 2 == 0 else ["packed", "per-run"]):
-            found[name] = side_without_ray(configs, packed=name == "packed")
-            walls[name].append(found[name]["wall"])
-            peaks[name].append(found[name]["peak"])
-            print(f"round {r}: {name} {found[name]['wall']:.1f}s", flush=True)
-        single, packed = found["per-run"]["vectors"], found["packed"]["vectors"]
-        diffs += [float((packed[k] - single[k]).norm() / single[k].norm()) for k in single]
-        abs_diffs += [float((packed[k] - single[k]).abs().max() / single[k].abs().max()) for k in single]
-    measured = None not in peaks["packed"]
-    print(json.dumps({
-        "packed_vs_trials_wall": round(sum(walls["per-run"]) / sum(walls["packed"]), 3),
-        "packed_vs_trials_peak_rss": round(statistics.mean(peaks["packed"]) / statistics.mean(peaks["per-run"]), 3)
-        if measured else None,
-        "max_vector_diff": max(diffs), "max_abs_diff": max(abs_diffs),
-        **{f"{name}_s": [round(x, 1) for x in walls[name]] for name in walls},
-        **({f"{name}_peak_gib": [round(x / 2**30, 2) for x in peaks[name]] for name in peaks} if measured else {}),
-        "runs": len(configs), "steps": args.steps, "model": model, "dtype": args.dtype, "ray": False,
+        **({f"{name}_peak_gib": [round(x / 2**30, 2) for x in peaks[name]] for name in sides} if measured else {}),
+        "runs": len(configs), "steps": args.steps, "cpus": args.cpus, "model": model, "dtype": args.dtype,
+        "ray": not args.without_ray,
     }))
     return 0
 
