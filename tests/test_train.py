@@ -70,6 +70,19 @@ def test_training_learns_and_is_deterministic(task, causal):
     assert vector.meta.task == task and vector.meta.train_config["max_steps"] == 12
 
 
+def test_adam_eps_far_above_the_gradient_moves_elements_in_proportion_to_it(task, causal):
+    # one AdamW step moves each element by lr * g / (|g| + eps): with the default eps every element moves by about
+    # lr whatever its gradient; with eps far above |g| the moves keep the gradient's signs but scale with |g|
+    sign_like = train(config(task, causal, max_steps=1, weight_decay=0), causal)
+    scaled = train(config(task, causal, max_steps=1, weight_decay=0, adam_eps=1e3), causal)
+    moved, moved_scaled = (sign_like.tuned - sign_like.origin).abs(), (scaled.tuned - scaled.origin)
+    assert moved.max() / moved.median() < 1.01
+    assert moved_scaled.abs().max() < 1e-3 * moved.median()
+    assert moved_scaled.abs().max() / moved_scaled.abs().median() > 3
+    agree = (torch.sign(moved_scaled) == torch.sign(sign_like.tuned - sign_like.origin)).float().mean()
+    assert agree > 0.99
+
+
 def test_resume_from_checkpoint_gives_the_same_prompt(task, causal, tmp_path):
     cfg = config(task, causal)
     saved = {}

@@ -109,7 +109,8 @@ def _start(index: int, config: TrainConfig, backbone: Backbone, store: VectorSto
     origin = make_origin(backbone, prompt_length_for(config, backbone), config.seed)
     init = resume.prompt if resume else initial_prompt(config, backbone, origin, store)
     prompt = SoftPrompt(init).to(backbone.device)
-    optimizer = torch.optim.AdamW(prompt.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(prompt.parameters(), lr=config.lr, weight_decay=config.weight_decay,
+                                  eps=config.adam_eps)
     total = total_steps(config, len(train_set))
     factor, start = _schedule(config, backbone, total), resume.step if resume else 0
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: factor(s + start))

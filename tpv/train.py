@@ -56,6 +56,10 @@ class TrainConfig(BaseModel):
     data_seed: int = Field(0, description="batch order and few-shot sampling")
     lr: float = Field(0.3, gt=0)
     weight_decay: float = Field(1e-5, ge=0)
+    adam_eps: float = Field(
+        1e-8, gt=0, description="AdamW's epsilon. Far above an element's gradient RMS, that element moves in "
+        "proportion to its gradient (as with SGD) instead of by about lr whatever the gradient's size",
+    )
     warmup_steps: int = Field(500, ge=0)
     schedule: Literal["linear", "cosine", "constant"] | None = Field(None, description="None: linear seq2seq, cosine causal")
     batch_size: int = Field(32, ge=1)
