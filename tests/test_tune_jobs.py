@@ -412,7 +412,8 @@ def test_packed_sweep_trains_every_pair_in_fewer_trials(swept, tiny_causal_path,
     outcome = run_sweep(sweep_config(tiny_causal_path, store, tasks, [0, 1], name="clean", resources=Resources(pack=3)))
     assert [r["status"] for r in outcome["rows"]] == ["trained"] * 4 and outcome["failed"] == 0
     trials = [p for p in (tmp_path / "ray_results" / outcome["experiment"]).iterdir() if p.is_dir()]
-    assert sorted(p.name.split("_")[0] for p in trials) == ["imdb-s0+1", "trec-s0+1"]
+    # packs balance work: the two runs of the longer-input task go to different packs, each with a trec run
+    assert sorted(p.name.split("_")[0] for p in trials) == ["imdb-s0+1", "imdb-s1+1"]
     packed, plain = VectorStore(store), VectorStore(clean_store)
     assert {r["vector_id"] for r in outcome["rows"]} == {m.vector_id for m in packed.list()}
     for meta in packed.list():
@@ -422,6 +423,29 @@ def test_packed_sweep_trains_every_pair_in_fewer_trials(swept, tiny_causal_path,
                                    atol=1e-5, rtol=1e-5)
     again = run_sweep(sweep_config(tiny_causal_path, store, tasks, [0, 1], name="clean", resources=Resources(pack=3)))
     assert [r["status"] for r in again["rows"]] == ["in store"] * 4
+
+
+def test_packs_hold_even_work_not_neighbours_in_the_grid(tiny_causal_path, tasks, tmp_path):
+    """A tasks x seeds grid in task order, in 2 packs of 3: each pack gets one run of each task, so two packs side
+    by side end together (in order they would be [imdb, imdb, trec] and [trec, yelp, yelp]). A run's cost grows with
+    its input length and its steps."""
+    from tpv.packed import run_costs
+    from tpv.train import TrainConfig
+    from tune_jobs.grid import pack_specs
+    from tune_jobs.trial import TrialSpec
+
+    def spec(task: str, seed: int, **train) -> TrialSpec:
+        cfg = TrainConfig(task=task, seed=seed, backbone={"model": str(tiny_causal_path)}, progress=False,
+                          **{**TRAIN, **train})
+        return TrialSpec(label=f"{task}/s{seed}", train=cfg, output_store=str(tmp_path / "store"))
+
+    grid = [spec(task, seed) for task in ("imdb", "trec", "yelp") for seed in (0, 1)]
+    imdb, yelp = run_costs([grid[0].train, grid[4].train])
+    assert imdb < yelp  # yelp's reviews are imdb's with " here" added
+    packs = pack_specs(grid, 3)
+    assert [[s.label for s in p] for p in packs] == [["imdb/s0", "trec/s0", "yelp/s0"], ["imdb/s1", "trec/s1", "yelp/s1"]]
+    assert run_costs([spec("imdb", 0, max_steps=16).train])[0] > imdb
+    assert [len(p) for p in pack_specs(grid, 4)] == [3, 3]
 
 
 def test_a_killed_pack_resumes_each_pair_from_its_checkpoint(tiny_causal_path, tasks, tmp_path):

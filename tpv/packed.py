@@ -379,6 +379,36 @@ def auto_pack_size(configs: Sequence[TrainConfig], slots: int, free_bytes: int, 
     return int(max(1, min(by_memory, math.ceil(len(configs) / max(1, slots)), MAX_AUTO_PACK)))
 
 
+def run_costs(configs: Sequence[TrainConfig], sample: int = 256) -> list[float]:
+    """Each run's compute in tokens through the model: its training rows x 3 (a forward and its backward) plus its
+    evaluation rows, a row being the prompt plus its task's mean source length (over up to `sample` training
+    examples, tokenized and cut as the backbone does). Only ratios matter: packs run their prompts one after another
+    on a CPU, so a pack lasts the sum of its runs' costs, and `tune_jobs.grid.pack_specs` balances packs by them
+    (a trial slot whose pack ends early idles until the slowest pack ends)."""
+    from transformers import AutoTokenizer
+
+    from tpv.bundled import resolve_model_path
+
+    tokenizers: dict[str, object] = {}
+    lengths: dict[tuple, tuple[int, float]] = {}
+    costs = []
+    for config in configs:
+        cut = config.backbone.max_source_tokens
+        key = (config.backbone.model, cut, config.task, config.shots, config.max_train_examples, config.data_seed)
+        if key not in lengths:
+            if config.backbone.model not in tokenizers:
+                tokenizers[config.backbone.model] = AutoTokenizer.from_pretrained(resolve_model_path(config.backbone.model))
+            train_set = training_examples(config)
+            ids = tokenizers[config.backbone.model]([e.source for e in train_set[:sample]])["input_ids"]
+            lengths[key] = len(train_set), sum(min(len(row), cut) for row in ids) / len(ids)
+        n_train, source_tokens = lengths[key]
+        steps = total_steps(config, n_train)
+        n_dev = len(load_split(config.task, "validation", limit=config.eval_examples, seed=0))
+        evaluated = n_dev * math.ceil(steps / config.eval_every)
+        costs.append(((config.prompt_length or 100) + source_tokens) * (3 * steps * config.batch_size + evaluated))
+    return costs
+
+
 def pack_fits(configs: Sequence[TrainConfig], size: int, free_bytes: int, device: str) -> bool:
     """Whether the activations of one forward pass of a pack of `size` (`runs_per_pass` of its prompts) fit the
     pack's memory budget: half of `free_bytes` (the rest is headroom for evaluation, the allocator and the runtime)

@@ -4,8 +4,8 @@
 progress line per event, and resumes an interrupted experiment of the same name with `Tuner.restore`. A search
 (Optuna through `ray.tune.search`) goes through the same function with `search`.
 
-Packs: `specs_space(specs, pack=K)` puts the runs in packs of up to K (`pack_specs`), one Tune trial per pack
-(`tpv.packed.train_pack`: the model loaded once, shared passes on a GPU); `run_grid` gives every run of
+Packs: `specs_space(specs, pack=K)` puts the runs in packs of up to K and of even work (`pack_specs`), one Tune
+trial per pack (`tpv.packed.train_pack`: the model loaded once, shared passes on a GPU); `run_grid` gives every run of
 a pack its own `GridOutcome`, so jobs read packed and unpacked grids alike. `plan_packs` resolves `--pack` (K, and
 whether a pack recomputes activations to fit its memory).
 """
@@ -164,15 +164,25 @@ def with_store_ids(specs: Sequence[TrialSpec]) -> list[TrialSpec]:
 
 def pack_specs(specs: Sequence[TrialSpec], size: int) -> list[list[TrialSpec]]:
     """Runs that can share a pack (one backbone and prompt length, `tpv.packed.pack_key`; one source store; one CPU
-    count) in packs of at most `size`, as even as possible: n such runs make ceil(n / size) packs, in their order."""
-    groups: dict[tuple, list[TrialSpec]] = {}
-    for spec in specs:
-        groups.setdefault((pack_key(spec.train), spec.source_store, spec.cpus), []).append(spec)
+    count) in packs of at most `size`, as even as possible in count (n such runs make ceil(n / size) packs) and in
+    work: longest runs first, each to the pack with the least work so far (`tpv.packed.run_costs`), so packs that
+    run side by side end together. A pack lists its runs in their given order."""
+    from tpv.packed import run_costs
+
+    groups: dict[tuple, list[int]] = {}
+    for i, spec in enumerate(specs):
+        groups.setdefault((pack_key(spec.train), spec.source_store, spec.cpus), []).append(i)
+    costs = run_costs([s.train for s in specs]) if size > 1 else [0.0] * len(specs)
     packs = []
     for members in groups.values():
         n = math.ceil(len(members) / size)
-        bounds = [round(i * len(members) / n) for i in range(n + 1)]
-        packs += [members[a:b] for a, b in zip(bounds, bounds[1:])]
+        room = [len(members) // n + (k < len(members) % n) for k in range(n)]
+        work, chosen = [0.0] * n, [[] for _ in range(n)]
+        for i in sorted(members, key=lambda i: -costs[i]):
+            k = min((k for k in range(n) if len(chosen[k]) < room[k]), key=lambda k: work[k])
+            chosen[k].append(i)
+            work[k] += costs[i]
+        packs += [[specs[i] for i in sorted(pack)] for pack in chosen]
     return packs
 
 
