@@ -68,6 +68,7 @@ def test_train_list_show_similarity_compose_eval(trained, tiny_causal_path):
         (["tasks", "add", "/no/such/config.yaml"], "not found", 2),
         (["compose", "--spec", "{not json"], "not JSON", 2),
         (["sweep", "--tasks", "no_such_task"], "unknown task 'no_such_task'", 3),
+        (["sweep", "--tasks", "cli_sentiment", "--set", "lre=0.5"], "lre: Extra inputs are not permitted", 2),
         (["addition", "--tasks", "cli_sentiment"], "at least 2", 2),
         (["study", "--tasks", "a", "b"], "--target", 2),
     ],

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 from task_data import sentiment_rows, write_builtin_task
 
 from tpv.store import VectorStore
@@ -397,6 +398,9 @@ def test_study_recipes_from_a_grid_and_by_name():
     config = StudyConfig(**base, steps=[60, 30], train={"loss": "label", "lr": 0.1}, recipes={"x": {"lr": 0.2}})
     run = config.train_config(config.all_recipes()["x"], "imdb", 3)
     assert (run.max_steps, run.eval_every, run.loss, run.lr, run.seed) == (60, 30, "label", 0.2, 3)
+    misspelt = StudyConfig(**base, grid={"lre": [0.3]})  # would otherwise train the preset under the name "lre=0.3"
+    with pytest.raises(ValidationError, match="lre"):
+        misspelt.train_config(misspelt.all_recipes()["lre=0.3"], "imdb", 0)
 
 
 def test_packed_sweep_trains_every_pair_in_fewer_trials(swept, tiny_causal_path, tasks, tmp_path):

@@ -25,7 +25,7 @@ from itertools import pairwise
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
 from tpv.bundled import BUNDLED, DEFAULT_BACKBONE, resolve_model_path
@@ -38,6 +38,8 @@ class BackboneInputError(InvalidInput):
 
 class BackboneConfig(BaseModel):
     """Which frozen model, where it runs, and how long its inputs may be."""
+
+    model_config = ConfigDict(extra="forbid")
 
     model: str = Field(DEFAULT_BACKBONE, description="a bundled name or a local from_pretrained folder")
     device: str | None = Field(None, description="cpu, cuda, cuda:1...; None picks cuda when available")

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
@@ -30,6 +30,8 @@ from tpv.vectors import TaskPromptVector
 
 class InitSpec(BaseModel):
     """Where the prompt starts: the run's origin, a composition of stored vectors on it, or tuned prompts (SPoT)."""
+
+    model_config = ConfigDict(extra="forbid")
 
     kind: Literal["origin", "composition", "tuned"] = "origin"
     composition: dict[str, Any] | None = Field(
@@ -48,6 +50,9 @@ class InitSpec(BaseModel):
 
 class TrainConfig(BaseModel):
     """A prompt-tuning run. Defaults are the paper's T5 recipe; `TrainConfig.preset` gives the named recipes."""
+
+    # a misspelt field (`--set lre=0.1`, a study recipe) must fail, not train the preset under a wrong name
+    model_config = ConfigDict(extra="forbid")
 
     task: str
     backbone: BackboneConfig = Field(default_factory=BackboneConfig)
