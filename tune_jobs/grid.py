@@ -169,20 +169,21 @@ def pack_specs(specs: Sequence[TrialSpec], size: int) -> list[list[TrialSpec]]:
     run side by side end together. A pack lists its runs in their given order."""
     from tpv.packed import run_costs
 
-    groups: dict[tuple, list[int]] = {}
-    for i, spec in enumerate(specs):
-        groups.setdefault((pack_key(spec.train), spec.source_store, spec.cpus), []).append(i)
-    costs = run_costs([s.train for s in specs]) if size > 1 else [0.0] * len(specs)
+    groups: dict[tuple, list[TrialSpec]] = {}
+    for spec in specs:
+        groups.setdefault((pack_key(spec.train), spec.source_store, spec.cpus), []).append(spec)
     packs = []
     for members in groups.values():
         n = math.ceil(len(members) / size)
+        # one pack, or one run per pack: nothing to balance, so no tokenizer or data to read for the costs
+        costs = run_costs([s.train for s in members]) if 1 < n < len(members) else [0.0] * len(members)
         room = [len(members) // n + (k < len(members) % n) for k in range(n)]
         work, chosen = [0.0] * n, [[] for _ in range(n)]
-        for i in sorted(members, key=lambda i: -costs[i]):
+        for i in sorted(range(len(members)), key=lambda i: -costs[i]):
             k = min((k for k in range(n) if len(chosen[k]) < room[k]), key=lambda k: work[k])
             chosen[k].append(i)
             work[k] += costs[i]
-        packs += [[specs[i] for i in sorted(pack)] for pack in chosen]
+        packs += [[members[i] for i in sorted(pack)] for pack in chosen]
     return packs
 
 
