@@ -6,7 +6,6 @@ Task data is written as `tpv data fetch` writes it (`data_dir()/<task>/{train,va
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
@@ -166,38 +165,44 @@ def test_interrupted_sweep_resumes_with_tuner_restore(tiny_causal_path, tasks, t
     assert [(m.task, m.origin_seed) for m in VectorStore(store).list()] == [("imdb", 0)]
 
 
+@pytest.mark.parametrize("cpus_per_trial", [2, 1], ids=["one-running-one-pending", "both-running"])
 def test_a_sweep_stopped_with_ctrl_c_reports_its_unfinished_pairs(tiny_causal_path, tasks, tmp_path, ray_session,
-                                                                  capsys):
-    """Ctrl-C (SIGINT) while the first of two trials runs (each holds both CPUs): Tune stops, and the sweep still writes its
-    table, with both pairs not finished (the second never started), no traceback; running it again finishes both,
-    without Ray Tune's warning about the trial that has no results yet."""
+                                                                  capsys, cpus_per_trial):
+    """Ctrl-C (SIGINT) while two trials run, or while one runs and the other waits (each holding both CPUs): Tune
+    stops, and the sweep stops too (one error line, exit 130, no traceback: a job never goes on to its next stage
+    with runs missing), after writing its table with both pairs not finished; running it again finishes both, without
+    Ray Tune's warning about a trial that has no results yet. With both running, Tune marks both TERMINATED in memory:
+    only the state it saved tells they did not finish."""
     from tune_jobs.config import Resources
     from tune_jobs.sweep import run_sweep
 
     store = tmp_path / "store"
     config = sweep_config(tiny_causal_path, store, ["imdb"], [0, 1], name="ctrl-c",
                           train={**TRAIN, "max_steps": 400, "eval_every": 20},
-                          resources=Resources(cpus_per_trial=2))  # one at a time; the second waits PENDING
-    script = (
-        "import json; from tune_jobs.sweep import SweepConfig, run_sweep; "
-        f"out = run_sweep(SweepConfig.model_validate_json({config.model_dump_json()!r})); "
-        "print(json.dumps([[r['pair'], r['status']] for r in out['rows']]))"
-    )
+                          resources=Resources(cpus_per_trial=cpus_per_trial))
+    script = "\n".join([
+        "import sys", "from tpv.cli import guarded", "from tune_jobs.sweep import SweepConfig, run_sweep",
+        "def sweep():", f"    run_sweep(SweepConfig.model_validate_json({config.model_dump_json()!r}))",
+        "sys.exit(guarded(sweep))",
+    ])
+    running = 2 // cpus_per_trial
     env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
     driver = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True)
     deadline = time.monotonic() + 120
     try:
-        while not list((tmp_path / "ray_results").glob("*/*/checkpoint_*")):  # the first trial is training
+        while len({c.parent for c in (tmp_path / "ray_results").glob("*/*/checkpoint_*")}) < running:  # training
             assert driver.poll() is None and time.monotonic() < deadline, driver.communicate()[1][-2000:]
             time.sleep(0.2)
         driver.send_signal(signal.SIGINT)
-        out, err = driver.communicate(timeout=120)
+        _, err = driver.communicate(timeout=120)
     finally:
         driver.kill()
-    assert driver.returncode == 0 and "Traceback" not in err, err[-2000:]
+    assert driver.returncode == 130 and "Traceback" not in err, err[-2000:]
+    assert "error: sweep: stopped before all its trials finished; run the same command again to resume" in err
+    table = (tmp_path / "reports" / "ctrl-c" / "sweep.csv").read_text().splitlines()
     unfinished = "not finished (interrupted: run the same command again)"
-    assert json.loads(out.strip().splitlines()[-1]) == [["imdb/s0", unfinished], ["imdb/s1", unfinished]]
+    assert [row.split(",")[:2] for row in table[1:]] == [["imdb/s0", unfinished], ["imdb/s1", unfinished]]
     assert VectorStore(store).list() == []
     warnings: list[str] = []
     handler = logging.Handler(logging.WARNING)

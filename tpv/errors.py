@@ -32,9 +32,14 @@ class Unavailable(TpvError):
     """Something the request needs is not prepared here (data not fetched, a model not on disk)."""
 
 
-#: CLI exit codes by category; 1 stays for unexpected failures
+class Interrupted(TpvError):
+    """The user stopped a long job (Ctrl-C) before it finished; what it saved lets the same command resume it."""
+
+
+#: CLI exit codes by category (130 = 128 + SIGINT, the shell's code for Ctrl-C); 1 stays for unexpected failures
 EXIT_CODES: dict[type[TpvError], int] = {
-    InvalidInput: 2, NotFoundError: 3, ConflictError: 4, CorruptData: 5, Unavailable: 6, TpvError: 1,
+    InvalidInput: 2, NotFoundError: 3, ConflictError: 4, CorruptData: 5, Unavailable: 6, Interrupted: 130,
+    TpvError: 1,
 }
 
 

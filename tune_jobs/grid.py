@@ -26,7 +26,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 from ray.tune import Callback
 
-from tpv.errors import TpvError
+from tpv.errors import Interrupted, TpvError
 from tpv.packed import pack_key
 from tune_jobs.config import Resources
 from tune_jobs.locations import _is_uri
@@ -109,6 +109,16 @@ class Progress(Callback):
 
 class TrialsFailed(TpvError):
     """Trials of a job failed after their retries; the same command resumes them."""
+
+
+class GridInterrupted(Interrupted):
+    """Tune stopped the experiment (Ctrl-C) before every trial finished. It saved its state, so the same command
+    resumes it; `outcomes` holds every run as far as it got, for a job that reports them before stopping."""
+
+    def __init__(self, job: str, outcomes: list[GridOutcome]):
+        super().__init__(f"{job}: stopped before all its trials finished; run the same command again to resume them "
+                         "(finished runs are kept)")
+        self.outcomes = outcomes
 
 
 class GridOutcome(BaseModel):
@@ -245,7 +255,8 @@ def run_grid(
 
     A finished experiment of that name is reused as it is when `reuse_finished` (its results come back without
     running anything), else run again in the same folder (the sweep does that when the store lost vectors).
-    `name(trial)` names trials in progress lines and folders (default: the spec's label).
+    `name(trial)` names trials in progress lines and folders (default: the spec's label). Raises `GridInterrupted`
+    when Tune was stopped (Ctrl-C) before every trial finished.
     """
     from ray import tune
 
@@ -295,7 +306,22 @@ def run_grid(
                                      path=str(result.path)) for spec in config["pack"]]
         else:
             outcomes.append(GridOutcome(config=config, metrics=metrics, error=error, path=str(result.path)))
-    return outcomes + _never_started(param_space, outcomes)
+    never = _never_started(param_space, outcomes)
+    # Tune stopped by Ctrl-C returns normally: without this, a job would go on to its next stage with runs missing
+    if never or _unfinished_trials(path, trainable, search.num_samples if search else 0):
+        raise GridInterrupted(job, outcomes + never)
+    return outcomes
+
+
+def _unfinished_trials(path: str, trainable: Any, samples: int) -> int:
+    """Trials of the experiment at `path` that neither finished nor failed, by the state Tune saved, plus the
+    `samples` of a search it never started. After Ctrl-C, `fit` marks the trials it stops TERMINATED in memory, but
+    the state it saved just before still holds them as unfinished (read back as PENDING, what a restore resumes)."""
+    from ray import tune
+
+    with _quiet_about_unstarted_trials():
+        saved = tune.Tuner.restore(path, trainable=trainable).get_results()
+    return max(samples - len(saved), 0) + len(saved) - saved.num_terminated - saved.num_errors
 
 
 @contextmanager

@@ -3,8 +3,9 @@
 One trial per (backbone, task, seed), FIFO (ASHA across tasks would stop the hard ones early), each with
 `tune.with_resources` from the config (CPUs, or a GPU fraction so several small trials share one GPU). A trial
 reports metrics and a checkpoint at every evaluation; a trial that dies is retried from its last checkpoint
-(`FailureConfig`); an interrupted sweep is resumed with `Tuner.restore` when it is run again; pairs already in the
-store are skipped (before Tune even starts, and again inside each trial), so re-running never duplicates vectors.
+(`FailureConfig`); Ctrl-C stops it (its table written, exit 130) and the same command resumes it with
+`Tuner.restore`; pairs already in the store are skipped (before Tune even starts, and again inside each trial), so
+re-running never duplicates vectors.
 
     tpv sweep --tasks rotten_tomatoes tweets trec sms_spam --seeds 0 1
     tpv sweep --config sweep.yaml --set max_steps=400 --gpus-per-trial 0.25
@@ -32,7 +33,7 @@ from tune_jobs.config import (
     deep_merge,
     start_ray,
 )
-from tune_jobs.grid import GridOutcome, plan_packs, run_grid, short_hash, specs_space
+from tune_jobs.grid import GridInterrupted, GridOutcome, plan_packs, run_grid, short_hash, specs_space
 from tune_jobs.locations import add_location_args
 from tune_jobs.runtime import init_ray
 from tune_jobs.tables import csv_text, markdown_table
@@ -124,19 +125,16 @@ def run_sweep(config: SweepConfig, trainable: Callable[[dict], None] = train_tri
         if pack > 1:
             print(f"[sweep] {len(specs)} pairs in packs of up to {pack}"
                   f"{' (recomputing activations to fit memory)' if recompute else ''}", flush=True)
-        outcomes = run_grid(
-            specs_space(specs, pack, recompute), experiment=experiment, job="sweep", trainable=trainable,
-            **config.grid_args(),
-        )
+        try:
+            outcomes = run_grid(
+                specs_space(specs, pack, recompute), experiment=experiment, job="sweep", trainable=trainable,
+                **config.grid_args(),
+            )
+        except GridInterrupted as stopped:  # the table still tells which pairs are stored and which are not
+            _write_table(config, configs, rows + [_outcome_row(o, several) for o in stopped.outcomes], several)
+            raise
         rows += [_outcome_row(o, several) for o in outcomes]
-    order = {(label(c, several)): i for i, c in enumerate(configs)}
-    rows.sort(key=lambda r: order.get(r["pair"], math.inf))
-    out = Path(loc.out_dir) / config.name
-    table = markdown_table(rows, COLUMNS)
-    paths = {
-        "table_md": str(atomic_write(out / "sweep.md", f"# Sweep `{config.name}`\n\nstore: `{loc.store}`\n\n{table}\n")),
-        "table_csv": str(atomic_write(out / "sweep.csv", csv_text(rows, COLUMNS))),
-    }
+    table, paths = _write_table(config, configs, rows, several)
     failed = [r for r in rows if r["status"] == "failed"]
     return {"rows": rows, "table": table, "paths": paths, "failed": len(failed), "experiment": experiment,
             "source": source_tag(config.name, configs[0]),
@@ -144,6 +142,20 @@ def run_sweep(config: SweepConfig, trainable: Callable[[dict], None] = train_tri
 
 
 COLUMNS = ["pair", "status", "metric", "val", "test", "best_step", "steps", "seconds", "vector_id"]
+
+
+def _write_table(config: SweepConfig, configs: list[TrainConfig], rows: list[dict[str, Any]],
+                 several: bool) -> tuple[str, dict[str, str]]:
+    """Sort the rows in the sweep's order and write them as `sweep.md` and `sweep.csv`; returns (markdown, paths)."""
+    order = {(label(c, several)): i for i, c in enumerate(configs)}
+    rows.sort(key=lambda r: order.get(r["pair"], math.inf))
+    loc = config.locations.resolved()
+    out = Path(loc.out_dir) / config.name
+    table = markdown_table(rows, COLUMNS)
+    return table, {
+        "table_md": str(atomic_write(out / "sweep.md", f"# Sweep `{config.name}`\n\nstore: `{loc.store}`\n\n{table}\n")),
+        "table_csv": str(atomic_write(out / "sweep.csv", csv_text(rows, COLUMNS))),
+    }
 
 
 def _int(value: Any) -> int | None:
