@@ -14,10 +14,10 @@ import pytest
 import torch
 from task_data import write_builtin_task
 
-from tpv.backbone import Backbone, BackboneConfig
+from tpv.backbone import Backbone, BackboneConfig, PromptPrefix
 from tpv.evaluate import (PROMPTS_PER_PASS, classification_metrics, evaluate_many, label_groups, label_scores,
                           prompts_per_pass)
-from tpv.packed import _start, _step_losses, train_pack
+from tpv.packed import _start, _step_losses, pass_prompts, train_pack
 from tpv.prompt import make_origin
 from tpv.tasks import get_task, load_split, register_task_file
 from tpv.train import TrainCheckpoint, TrainConfig, train
@@ -120,6 +120,22 @@ def test_the_pack_gradient_is_each_prompts_own(tasks, causal):
         assert loss.item() == pytest.approx(loss_in_pack, rel=1e-5)
         assert alone.grad.abs().sum() > 0
         torch.testing.assert_close(run.prompt.weight.grad, alone.grad, **TOL)
+
+
+def test_a_causal_pass_on_a_cpu_runs_each_prompt_once_for_all_its_rows(tiny_causal_path, tiny_t5_path):
+    """The gradient test above compares these passes with a prompt per row; this one pins that they are prefixes:
+    each prompt computed once (K rows of keys/values), its rows attending to it, on causal backbones only."""
+    causal = Backbone.load(BackboneConfig(model=str(tiny_causal_path), device="cpu", dtype="float32"))
+    prompts = [make_origin(causal, 4, seed).unsqueeze(0) for seed in (0, 1)]
+    shared = pass_prompts(causal, prompts, [3, 2])
+    assert isinstance(shared, PromptPrefix) and shared.rows == 5 and shared.length == 4
+    prefix = causal.prefix(torch.cat(prompts))
+    for row, k in enumerate([0, 0, 0, 1, 1]):
+        torch.testing.assert_close(shared.layers[-1][0][row], prefix.layers[-1][0][k])
+    t5 = Backbone.load(BackboneConfig(model=str(tiny_t5_path), device="cpu", dtype="float32"))
+    t5_prompts = [make_origin(t5, 4, seed).unsqueeze(0) for seed in (0, 1)]
+    assert torch.equal(pass_prompts(t5, t5_prompts, [3, 2]),  # seq2seq: a prompt per row, into the encoder
+                       torch.cat([t5_prompts[0].expand(3, -1, -1), t5_prompts[1].expand(2, -1, -1)]))
 
 
 def test_a_stopped_prompt_leaves_and_the_pack_goes_on(tasks, causal):
