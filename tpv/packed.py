@@ -178,7 +178,7 @@ def pass_prompts(backbone: Backbone, prompts: Sequence[Tensor], counts: Sequence
     On a causal backbone on a CPU each prompt's positions are computed once per pass and its rows attend to their
     keys and values (`Backbone.prefix`): those states do not depend on a row's input, so a batch of B rows runs the
     prompt once instead of B times (L of every L + T positions per row) and backpropagates through one copy
-    (`bench/train_step.py` on 2 cores, batch 8, 64-token sources: 1.8x the step throughput at L 100). Elsewhere each
+    (`bench/train_step.py` on 2 cores, batch 8, 64-token sources: 1.9x the step throughput at L 100). Elsewhere each
     row carries its prompt through the model: on a GPU (a small model's pass is launch-bound, and the prefix adds a
     forward and a gather per layer, which serving measured slower than recomputing: `serve.batching.gathers_prefixes`),
     on seq2seq backbones (the prompt goes through the encoder with the input), and with layers recomputed (a
