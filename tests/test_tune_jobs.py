@@ -236,7 +236,10 @@ def test_similarity_report_tables_and_heatmap(swept, tmp_path):
     _, _, store = swept
     result = similarity_report(str(store), tmp_path, tasks=["imdb", "trec"], seeds=[0, 1])
     assert result["labels"] == ["imdb/s0", "imdb/s1", "trec/s0", "trec/s1"]
-    assert list(result["matrices"]) == ["flat", "per_row_mean", "row_averaged"]
+    assert list(result["matrices"]) == ["flat", "per_row_mean", "row_averaged", "row_centered"]
+    assert 0.0 < result["mean_row_share"] < 1.0
+    assert f"The mean row holds {result['mean_row_share']:.3f} of |tau|^2" in result["markdown"]
+    assert "## Summary (flat cosine of the row-centered vectors" in result["markdown"]
     matrix = result["matrices"]["flat"]
     assert matrix.shape == (4, 4) and abs(matrix[0, 0] - 1.0) < 1e-6 and abs(matrix[0, 1] - matrix[1, 0]) < 1e-9
     kinds = [r["pairs"] for r in result["summary"]["flat"]]

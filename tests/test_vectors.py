@@ -14,6 +14,7 @@ from tpv.vectors import (
     VectorMeta,
     SIMILARITY_MODES,
     cosine_similarity,
+    mean_row_share,
     make_vector_id,
     similarity_by_pair_kind,
     similarity_matrix,
@@ -138,14 +139,20 @@ def test_cosine_modes_on_hand_computed_inputs():
     assert cosine_similarity(a, zero_row, "per_row_mean") == pytest.approx(0.5)  # the zero row counts as 0
 
 
-def test_the_three_measures_disagree_on_one_pair():
+def test_the_measures_disagree_on_one_pair():
     """Rows that cancel when averaged: flat sees orthogonal vectors, per-row sees identical rows half the time,
-    row-averaged sees the mean rows only."""
+    row-averaged sees the mean rows only, row-centered what each row adds to them."""
     a = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0]])
     b = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
     assert cosine_similarity(a, b, "flat") == pytest.approx(1 / 3)  # (1 - 1 + 1) / (sqrt3 * sqrt3)
     assert cosine_similarity(a, b, "per_row_mean") == pytest.approx(1 / 3)  # (1 - 1 + 1) / 3
     assert cosine_similarity(a, b, "row_averaged") == pytest.approx(1 / math.sqrt(5))  # [0, 1/3] vs [2/3, 1/3]
+    # centered rows [[1,-1/3],[-1,-1/3],[0,2/3]] and [[1/3,-1/3],[1/3,-1/3],[-2/3,2/3]]: dot 2/3, norms^2 8/3, 4/3
+    assert cosine_similarity(a, b, "row_centered") == pytest.approx(1 / (2 * math.sqrt(2)))
+    assert mean_row_share(a) == pytest.approx(1 / 9) and mean_row_share(b) == pytest.approx(5 / 9)
+    equal_rows = torch.tensor([[1.0, 2.0], [1.0, 2.0]])
+    assert mean_row_share(equal_rows) == pytest.approx(1.0)
+    assert cosine_similarity(equal_rows, b[:2], "row_centered") == 0.0  # nothing left once the mean row is gone
     d = torch.tensor([[2.0, 0.0], [0.0, 0.1]])
     e = torch.tensor([[2.0, 0.0], [0.0, -0.1]])
     assert cosine_similarity(d, e, "per_row_mean") == pytest.approx(0.0)  # rows: +1 and -1
@@ -160,6 +167,16 @@ def test_flat_is_the_default_and_matches_torch():
     assert cosine_similarity(a, b.tensor, mode="per_row_mean") == pytest.approx(per_row, abs=1e-6)
     averaged = torch.nn.functional.cosine_similarity(a.tensor.mean(0), b.tensor.mean(0), dim=0).item()
     assert cosine_similarity(a, b, mode="row_averaged") == pytest.approx(averaged, abs=1e-6)
+
+
+def test_flat_splits_into_the_mean_row_and_the_rest():
+    a, b = _vec(0), _vec(1)
+    a = a.tensor + torch.linspace(0.0, 2.0, a.tensor.shape[1])  # a shared part in every row, so both terms count
+    sa, sb = mean_row_share(a), mean_row_share(b)
+    assert 0.2 < sa < 0.99 and 0.0 < sb < 0.2
+    split = (math.sqrt(sa * sb) * cosine_similarity(a, b, "row_averaged")
+             + math.sqrt((1 - sa) * (1 - sb)) * cosine_similarity(a, b, "row_centered"))
+    assert cosine_similarity(a, b) == pytest.approx(split, abs=1e-9)
 
 
 def test_pair_kinds_group_a_similarity_matrix():

@@ -283,7 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
     vec.add_argument("--backbone-id")
     vec.add_argument("--mode", choices=SIMILARITY_MODES, default="flat",
                      help="flat: cosine of the flattened vectors (the paper's); per_row_mean: mean of row cosines; "
-                     "row_averaged: cosine of the mean rows")
+                     "row_averaged: cosine of the mean rows; row_centered: flat cosine once each vector's mean row "
+                     "is taken from its rows")
     _add_common(vec, backbone=False)
     vec.set_defaults(func=cmd_vectors)
 

@@ -18,11 +18,14 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from tpv.errors import InvalidInput
 
-SimilarityMode = Literal["flat", "per_row_mean", "row_averaged"]
-SIMILARITY_MODES: tuple[SimilarityMode, ...] = ("flat", "per_row_mean", "row_averaged")
+SimilarityMode = Literal["flat", "per_row_mean", "row_averaged", "row_centered"]
+SIMILARITY_MODES: tuple[SimilarityMode, ...] = ("flat", "per_row_mean", "row_averaged", "row_centered")
 """flat: cosine of the flattened [L*d] vectors (the paper's measure, from the authors' analysis scripts);
 per_row_mean: the mean over the L rows of the row-wise cosines; row_averaged: the cosine of the two vectors'
-mean rows [d]. They can differ widely on one pair; flat is the default everywhere."""
+mean rows [d]; row_centered: the flat cosine of what is left once each vector's mean row is taken from every row.
+They can differ widely on one pair; flat is the default everywhere. Flat splits exactly into the last two:
+flat = sqrt(s_a s_b) x row_averaged + sqrt((1 - s_a)(1 - s_b)) x row_centered, s being each vector's
+`mean_row_share`, so they tell whether vectors agree in what all their rows share or in what each row adds."""
 
 
 class VectorError(InvalidInput):
@@ -254,11 +257,23 @@ def similarity_matrix(
         raise VectorError(f"cannot compare vectors of different shapes: {sorted(shapes)}")
     x = torch.stack(tensors)  # [N, L, d]
     eps = 1e-8
-    if mode in ("flat", "row_averaged"):
-        flat = x.flatten(1) if mode == "flat" else x.mean(dim=1)
-        flat = flat / flat.norm(dim=1, keepdim=True).clamp_min(eps)
-        sim = flat @ flat.T
-    else:
+    if mode == "per_row_mean":
         rows = x / x.norm(dim=2, keepdim=True).clamp_min(eps)
         sim = torch.einsum("ild,jld->ij", rows, rows) / x.shape[1]
+    else:
+        if mode == "row_averaged":
+            x = x.mean(dim=1)
+        elif mode == "row_centered":
+            x = x - x.mean(dim=1, keepdim=True)
+        flat = x.flatten(1)
+        flat = flat / flat.norm(dim=1, keepdim=True).clamp_min(eps)
+        sim = flat @ flat.T
     return labels, sim.numpy().clip(-1.0, 1.0)
+
+
+def mean_row_share(vector: TaskPromptVector | torch.Tensor) -> float:
+    """The share of |tau|^2 in the component every row has in common (L x |mean row|^2 / |tau|^2): 1 when all rows
+    are equal, 0 when they cancel. It weighs row_averaged against row_centered in the flat cosine."""
+    t = _as_tensor(vector)
+    total = float(t.pow(2).sum())
+    return t.shape[0] * float(t.mean(dim=0).pow(2).sum()) / total if total > 0 else 0.0

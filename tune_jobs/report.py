@@ -125,7 +125,7 @@ def similarity_report(store_uri: str, out_dir: str | Path, backbone_id: str | No
     """Tables (markdown + CSV) and a heatmap PNG of the stored vectors' cosine similarities, every measure of
     tpv.vectors.SIMILARITY_MODES (flat, the paper's, first)."""
     from tpv.store import VectorStore
-    from tpv.vectors import SIMILARITY_MODES, similarity_matrix
+    from tpv.vectors import SIMILARITY_MODES, mean_row_share, similarity_matrix
 
     store = VectorStore(store_uri)
     backbone_id = pick_backbone(store, backbone_id)
@@ -140,6 +140,8 @@ def similarity_report(store_uri: str, out_dir: str | Path, backbone_id: str | No
         paths[f"{mode}_csv"] = str(atomic_write(out / f"similarity_{mode}.csv", csv_text(rows, ["vector", *labels])))
     summary = {mode: similarity_summary(metas, m) for mode, m in matrices.items()}
     per_task = per_task_cross_seed(metas, matrices["flat"])
+    shares = [mean_row_share(v) for v in vectors.values()]
+    share = sum(shares) / len(shares)
     flat_table = markdown_table(
         [{"vector": labels[i], **{labels[j]: float(matrices["flat"][i, j]) for j in range(len(labels))}}
          for i in range(len(labels))], ["vector", *labels], digits=2)
@@ -150,6 +152,10 @@ def similarity_report(store_uri: str, out_dir: str | Path, backbone_id: str | No
           markdown_table(summary["flat"], columns, 3), "",
           "## Summary (mean of per-row cosines)", "", markdown_table(summary["per_row_mean"], columns, 3), "",
           "## Summary (cosine of the row-averaged vectors)", "", markdown_table(summary["row_averaged"], columns, 3),
+          "", "## Summary (flat cosine of the row-centered vectors: each row less the vector's mean row)", "",
+          markdown_table(summary["row_centered"], columns, 3), "",
+          f"The mean row holds {share:.3f} of |tau|^2 on average (min {min(shares):.3f}, max {max(shares):.3f}); a flat "
+          "cosine is sqrt(s_a s_b) x row-averaged + sqrt((1 - s_a)(1 - s_b)) x row-centered, s the mean row's share.",
           "", "## Per task (flat cosine)", "",
           markdown_table(per_task, ["task", "vectors", "cross-seed (same task)", "vs other tasks"]),
           "", "## Flat cosine matrix", "", flat_table, ""]
@@ -157,7 +163,7 @@ def similarity_report(store_uri: str, out_dir: str | Path, backbone_id: str | No
     paths["heatmap"] = str(heatmap(out / "similarity.png", labels, matrices, [m.task for m in metas],
                                    f"Task prompt vectors, {backbone_id} ({shape})"))
     return {"backbone_id": backbone_id, "labels": labels, "matrices": matrices, "summary": summary,
-            "per_task": per_task, "paths": paths, "markdown": "\n".join(md)}
+            "mean_row_share": share, "per_task": per_task, "paths": paths, "markdown": "\n".join(md)}
 
 
 # ----------------------------------------------------------------------------------------- cross-origin (Table 1)
