@@ -229,7 +229,7 @@ class Backbone:
             raise BackboneInputError("prompt prefixes apply to causal backbones; seq2seq prompts go through the encoder")
         prompts = self._as_batch(prompts, None)
         out = self.model.base_model(inputs_embeds=prompts, use_cache=True)
-        layers = tuple((layer.keys, layer.values) for layer in out.past_key_values.layers)
+        layers = tuple((layer.keys, layer.values) for layer in out.cache.layers)
         return PromptPrefix(layers, prompts.shape[1], out.last_hidden_state[:, -1])
 
     def _as_batch(self, prompts: Tensor, rows: int | None) -> Tensor:
@@ -273,7 +273,7 @@ class Backbone:
         embeds = torch.cat([prompts, self.embed(ids)], dim=1)
         full_mask = torch.cat([torch.ones(rows, length, dtype=mask.dtype, device=self.device), mask], dim=1)
         out = self.model.base_model(inputs_embeds=embeds, attention_mask=full_mask, use_cache=keep_cache)
-        return out.last_hidden_state[:, length - 1 :], out.past_key_values if keep_cache else None, full_mask
+        return out.last_hidden_state[:, length - 1 :], out.cache if keep_cache else None, full_mask
 
     def _cache(self, layers: tuple[tuple[Tensor, Tensor], ...]):
         """A transformers cache holding `layers` (later steps concatenate: the tensors given are never modified)."""
@@ -285,7 +285,7 @@ class Backbone:
         """Causal: final hidden states [B, T, d] of tokens `ids` run after the keys/values in `cache` (which grows by
         them); `mask` covers cache + tokens, `positions` are the tokens' own (a row's padding takes no position)."""
         out = self.model.base_model(inputs_embeds=self.embed(ids), attention_mask=mask, position_ids=positions,
-                                    past_key_values=cache, use_cache=True)
+                                    cache=cache, use_cache=True)
         return out.last_hidden_state
 
     def _logprobs_at(self, hidden: Tensor) -> Tensor:
@@ -578,9 +578,9 @@ class _Seq2SeqDecoding(Decoding):
     @torch.no_grad()
     def step(self, tokens: Tensor) -> Tensor:
         out = self.bb.model(encoder_outputs=(self.encoded,), attention_mask=self.enc_mask,
-                            decoder_input_ids=tokens.to(self.bb.device).unsqueeze(1), past_key_values=self.cache,
+                            decoder_input_ids=tokens.to(self.bb.device).unsqueeze(1), cache=self.cache,
                             use_cache=True)
-        self.cache = out.past_key_values
+        self.cache = out.cache
         self.logprobs = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
         return self.logprobs
 
