@@ -234,18 +234,23 @@ def test_a_recomputing_pack_ends_where_a_plain_one_does(tasks, causal):
         torch.testing.assert_close(got.tuned, want.tuned, **TOL)
 
 
-def test_pack_grid_script_stores_every_best_vector_and_snapshot(causal, tasks, tmp_path):
-    """scripts/pack_grid.py (the grid without Ray, for a lent GPU): one pack, every prompt's best vector, origin and
-    snapshots in the store, test scores in the summary."""
+def _script(name: str):
+    """A module of scripts/ (they are run as files, not imported as a package)."""
     import importlib.util
     from pathlib import Path
 
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_pack_grid_script_stores_every_best_vector_and_snapshot(causal, tasks, tmp_path):
+    """scripts/pack_grid.py (the grid without Ray, for a lent GPU): one pack, every prompt's best vector, origin and
+    snapshots in the store, test scores in the summary."""
     from tpv.store import VectorStore
 
-    path = Path(__file__).resolve().parents[1] / "scripts" / "pack_grid.py"
-    spec = importlib.util.spec_from_file_location("pack_grid", path)
-    pack_grid = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(pack_grid)
+    pack_grid = _script("pack_grid")
     store, out = tmp_path / "store", tmp_path / "summary.json"
     assert pack_grid.main([
         "--tasks", tasks["yesno"], tasks["topic"], "--seeds", "0", "1", "--snapshots", "2", "--store", str(store),
@@ -265,3 +270,42 @@ def test_pack_grid_script_stores_every_best_vector_and_snapshot(causal, tasks, t
     assert all(v.meta.metrics["step"] == 2.0 for v in snap.values())
     origin = vectors.get_origin(causal.backbone_id, 4, 0)
     torch.testing.assert_close(origin, make_origin(causal, 4, 0))
+
+
+def test_vector_parts_script_scores_each_part_on_own_and_other_origins(causal, tasks, tmp_path, capsys):
+    """scripts/vector_parts.py: every cell is the task's test metric of origin + that part of each vector, averaged
+    over the vectors (own origin) or over vectors x other origins, as one evaluation of that prompt gives it."""
+    from tpv.evaluate import evaluate
+    from tpv.store import VectorStore
+    from tpv.vectors import split_mean_row
+
+    store = tmp_path / "store"
+    assert _script("pack_grid").main([
+        "--tasks", tasks["topic"], "--seeds", "0", "1", "--store", str(store), "--source", "grid",
+        "--test-examples", "0", "--set", f"backbone.model={causal.config.model}", "backbone.dtype=float32",
+        "prompt_length=4", "max_steps=6", "eval_every=6", "eval_examples=null", "batch_size=4", "warmup_steps=1",
+        "lr=0.3"]) == 0
+    capsys.readouterr()
+    assert _script("vector_parts").main([
+        "--store", str(store), "--vectors-source", "grid", "--tasks", tasks["topic"], "--seeds", "0", "1",
+        "--backbone", str(causal.config.model), "--test-examples", "12", "--threads", "1", "--metric",
+        "label_logprob"]) == 0
+    [row] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rows"]
+    spec = get_task(tasks["topic"])
+    examples = load_split(spec.name, "test", limit=12, seed=0)
+    vectors = {m.origin_seed: VectorStore(store).get(m.vector_id) for m in VectorStore(store).list()}
+    origins = {s: make_origin(causal, 4, s) for s in (0, 1)}
+
+    def score(prompt):  # a smooth metric: the tiny model's accuracy is the same for every prompt here
+        return evaluate(causal, prompt, spec, examples)["label_logprob"]
+
+    parts = {s: dict(zip(("tau", "mean row", "rest"), (v.tensor, *split_mean_row(v.tensor)))) for s, v in vectors.items()}
+    assert row["metric"] == "label_logprob"
+    assert row["origin"] == pytest.approx((score(origins[0]) + score(origins[1])) / 2)
+    for part in ("tau", "mean row", "rest"):
+        own = [score(origins[s] + parts[s][part]) for s in (0, 1)]
+        other = [score(origins[1 - s] + parts[s][part]) for s in (0, 1)]
+        assert row[f"{part}, own"] == pytest.approx(sum(own) / 2), part
+        assert row[f"{part}, other"] == pytest.approx(sum(other) / 2), part
+    cells = [row[f"{part}, {where}"] for part in ("tau", "mean row", "rest") for where in ("own", "other")]
+    assert len({round(c, 6) for c in [row["origin"], *cells]}) == 7  # every cell a different prompt

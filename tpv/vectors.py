@@ -264,16 +264,23 @@ def similarity_matrix(
         if mode == "row_averaged":
             x = x.mean(dim=1)
         elif mode == "row_centered":
-            x = x - x.mean(dim=1, keepdim=True)
+            x = split_mean_row(x)[1]
         flat = x.flatten(1)
         flat = flat / flat.norm(dim=1, keepdim=True).clamp_min(eps)
         sim = flat @ flat.T
     return labels, sim.numpy().clip(-1.0, 1.0)
 
 
+def split_mean_row(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[..., L, d] -> (the mean row repeated on every row, the rest): two orthogonal parts that sum to the input, what
+    all rows share and what each row adds to it (the row_averaged and row_centered measures compare them)."""
+    shared = tensor.mean(dim=-2, keepdim=True).expand_as(tensor)
+    return shared, tensor - shared
+
+
 def mean_row_share(vector: TaskPromptVector | torch.Tensor) -> float:
     """The share of |tau|^2 in the component every row has in common (L x |mean row|^2 / |tau|^2): 1 when all rows
     are equal, 0 when they cancel. It weighs row_averaged against row_centered in the flat cosine."""
-    t = _as_tensor(vector)
+    t = _as_tensor(vector).to(torch.float64)
     total = float(t.pow(2).sum())
-    return t.shape[0] * float(t.mean(dim=0).pow(2).sum()) / total if total > 0 else 0.0
+    return float(split_mean_row(t)[0].pow(2).sum()) / total if total > 0 else 0.0
