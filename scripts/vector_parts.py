@@ -70,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
 
+    if len(set(args.seeds)) < 2:
+        raise InvalidInput("--seeds: give at least 2 origin seeds, so every vector has another origin to move to")
     torch.set_num_threads(args.threads)
     store = VectorStore(args.store)
     metas, _ = select_vectors(store, backbone_id_for(args.backbone), args.tasks, args.seeds, args.vectors_source)
@@ -81,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         cells = score_task(backbone, store, [m for m in metas if m.task == task], args.seeds, args.test_examples,
                            args.metric)
         gain = cells["tau, own"] - cells["origin"]
-        row = {"task": task, "metric": args.metric or get_task(task).metric, "origin": cells["origin"], **{k: cells[k] for k in cells if k != "origin"}}
+        row = {"task": task, "metric": args.metric or get_task(task).metric, **cells}
         for part in PARTS[1:]:
             row[f"{part} kept, own"] = (cells[f"{part}, own"] - cells["origin"]) / gain if gain else float("nan")
         rows.append(row)
