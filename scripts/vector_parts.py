@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from tpv.backbone import Backbone, backbone_id_for
+from tpv.backbone import Backbone, BackboneConfig, backbone_id_for
 from tpv.bundled import DEFAULT_BACKBONE
 from tpv.cli import guarded
 from tpv.errors import InvalidInput
@@ -26,7 +26,7 @@ from tpv.prompt import make_origin
 from tpv.store import VectorStore
 from tpv.tasks import get_task, load_split
 from tpv.vectors import split_mean_row
-from tune_jobs.report import backbone_as_trained, select_vectors
+from tune_jobs.report import select_vectors
 from tune_jobs.tables import markdown_table
 
 PARTS = ("tau", "mean row", "rest")
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     store = VectorStore(args.store)
     metas, _ = select_vectors(store, backbone_id_for(args.backbone), args.tasks, args.seeds, args.vectors_source)
-    backbone = Backbone.load(backbone_as_trained(args.backbone, metas[0]))
+    backbone = Backbone.load(BackboneConfig.as_trained(args.backbone, metas[0].train_config))
     started, rows = time.perf_counter(), []
     for task in args.tasks:
         cells = score_task(backbone, store, [m for m in metas if m.task == task], args.seeds, args.test_examples,

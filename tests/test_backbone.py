@@ -106,3 +106,10 @@ def test_bad_inputs_raise_clear_errors(causal, t5, tmp_path):
         Backbone.load(BackboneConfig(model=str(tmp_path / "missing")))
     with pytest.raises(ValueError, match="finite"):
         SoftPrompt(torch.full((2, 3), float("nan")))
+
+
+def test_a_stored_vector_is_scored_on_inputs_cut_as_in_its_training_run():
+    trained = {"backbone": {"model": "elsewhere", "max_source_tokens": 64}, "lr": 0.03}
+    assert BackboneConfig.as_trained("here", trained) == BackboneConfig(model="here", max_source_tokens=64)
+    assert BackboneConfig.as_trained("here", trained, max_source_tokens=32).max_source_tokens == 32
+    assert BackboneConfig.as_trained("here", {"lr": 0.03}) == BackboneConfig(model="here")

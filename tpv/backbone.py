@@ -19,10 +19,10 @@ What to do with the log-probabilities (greedy, sampling, stop strings) is `tpv.g
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from itertools import pairwise
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -46,6 +46,14 @@ class BackboneConfig(BaseModel):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     max_source_tokens: int = Field(256, ge=8, description="longer sources keep their last tokens")
     max_target_tokens: int = Field(16, ge=1)
+
+    @classmethod
+    def as_trained(cls, model: str, train_config: Mapping[str, Any], max_source_tokens: int | None = None
+                   ) -> BackboneConfig:
+        """The config that scores a stored vector on inputs cut as in its training run (`train_config`, the
+        vector's metadata), unless `max_source_tokens` is given: a prompt tuned on 64-token inputs is judged on them."""
+        cut = max_source_tokens or train_config.get("backbone", {}).get("max_source_tokens")
+        return cls(model=model, **({"max_source_tokens": cut} if cut else {}))
 
 
 @dataclass(frozen=True)

@@ -142,8 +142,7 @@ def run_addition_job(config: AdditionConfig) -> dict[str, Any]:
     store = VectorStore(loc.store)
     bb_id = backbone_id_for(config.backbone)
     first = task_vectors(store, bb_id, config.tasks[0], None, [config.seeds[0]], config.vectors_source)[0]
-    max_tokens = config.max_source_tokens or first.train_config.get("backbone", {}).get("max_source_tokens")
-    backbone = BackboneConfig(model=config.backbone, **({"max_source_tokens": max_tokens} if max_tokens else {}))
+    backbone = BackboneConfig.as_trained(config.backbone, first.train_config, config.max_source_tokens)
     for task in config.tasks:  # fail before Ray starts when a vector is missing or ambiguous
         task_vectors(store, bb_id, task, first.prompt_length, config.seeds, config.vectors_source)
     key = short_hash(config.model_dump(mode="json", exclude=set(config.RUN_ONLY)))

@@ -168,16 +168,6 @@ def similarity_report(store_uri: str, out_dir: str | Path, backbone_id: str | No
 
 # ----------------------------------------------------------------------------------------- cross-origin (Table 1)
 
-def backbone_as_trained(model: str, meta, max_source_tokens: int | None = None):
-    """The BackboneConfig that scores a stored vector on the inputs it was trained on: its training run's input
-    length (`max_source_tokens`) unless one is given."""
-    from tpv.backbone import BackboneConfig
-
-    trained = meta.train_config.get("backbone", {})
-    cut = max_source_tokens or trained.get("max_source_tokens")
-    return BackboneConfig(model=model, **({"max_source_tokens": cut} if cut else {}))
-
-
 def _cross_origin_for_task(store_uri: str, backbone: dict, task: str, vector_ids: list[str], seeds: list[int],
                            test_examples: int | None, cpus: float) -> list[dict[str, Any]]:
     """Test metric of every stored vector of `task` on every origin in `seeds`, and of the origins alone: every
@@ -217,7 +207,7 @@ def cross_origin_report(store_uri: str, out_dir: str | Path, backbone_model: str
     `source`, only the vectors that job wrote (`select_vectors`, as the similarity tables)."""
     import ray
 
-    from tpv.backbone import backbone_id_for
+    from tpv.backbone import BackboneConfig, backbone_id_for
     from tpv.bundled import DEFAULT_BACKBONE
     from tpv.store import VectorStore
 
@@ -228,7 +218,7 @@ def cross_origin_report(store_uri: str, out_dir: str | Path, backbone_model: str
     for m in metas:
         by_task.setdefault(m.task, []).append(m)
     all_seeds = sorted({m.origin_seed for m in metas}) if seeds is None else list(seeds)
-    backbone = backbone_as_trained(model, metas[0], max_source_tokens)
+    backbone = BackboneConfig.as_trained(model, metas[0].train_config, max_source_tokens)
     init_ray()
     remote = ray.remote(num_cpus=cpus, num_gpus=gpus)(_cross_origin_for_task)
     pending = {remote.remote(store_uri, backbone.model_dump(), task, [m.vector_id for m in ms], all_seeds,

@@ -200,7 +200,7 @@ def weight_trial_name(trial) -> str:
 
 def resolve_terms(store, backbone_id: str, config: WeightSearchConfig) -> tuple[list[dict[str, Any]], int, dict]:
     """Task names become task terms (narrowed by vectors_source / vector_seeds), anything else a stored vector id;
-    returns (terms, L, the backbone config the vectors were trained with)."""
+    returns (terms, L, the training config the vectors were trained with)."""
     from tpv.compose import CompositionBody, prompt_length_of, task_vectors
 
     tasks = {m.task for m in store.list(backbone_id, kind="task")}
@@ -210,7 +210,7 @@ def resolve_terms(store, backbone_id: str, config: WeightSearchConfig) -> tuple[
     first = terms[0]
     meta = (task_vectors(store, backbone_id, first["task"], length, config.vector_seeds, config.vectors_source)[0]
             if "task" in first else store.get(first["vector_id"], backbone_id).meta)
-    return terms, length, meta.train_config.get("backbone", {})
+    return terms, length, meta.train_config
 
 
 def run_search(config: WeightSearchConfig) -> dict[str, Any]:
@@ -223,8 +223,7 @@ def run_search(config: WeightSearchConfig) -> dict[str, Any]:
     store = VectorStore(loc.store)
     bb_id = backbone_id_for(config.backbone)
     terms, length, trained = resolve_terms(store, bb_id, config)
-    max_tokens = config.max_source_tokens or trained.get("max_source_tokens")
-    backbone = BackboneConfig(model=config.backbone, **({"max_source_tokens": max_tokens} if max_tokens else {}))
+    backbone = BackboneConfig.as_trained(config.backbone, trained, config.max_source_tokens)
     spec = ObjectiveSpec(
         target=config.target, terms=terms, backbone=backbone, store=loc.store, origin_seed=config.origin_seed,
         prompt_length=length, metric=config.metric, eval_examples=config.eval_examples,
