@@ -342,14 +342,20 @@ def test_addition_job_tables_plot_and_weight_search(swept, tiny_causal_path, tmp
     from tune_jobs.locations import Locations
 
     _, _, store = swept
-    config = AdditionConfig(
+    paper_only = AdditionConfig(
         name="tiny-addition", tasks=["imdb", "trec"], seeds=[0, 1], backbone=str(tiny_causal_path), grid_step=0.5,
-        weight_samples=2, eval_examples=8, test_examples=8,
+        eval_examples=8, test_examples=8,
         locations=Locations(store=str(store), storage_path=str(tmp_path / "ray_results"),
                             out_dir=str(tmp_path / "reports")),
     )
+    first = run_addition_job(paper_only)
+    config = paper_only.model_copy(update={"weight_samples": 2})
     result = run_addition_job(config)
     assert result["failed"] == 0
+    # the weight search added to a finished addition reuses its paper cells: one experiment of them, same rows
+    paper_runs = [p.name for p in (tmp_path / "ray_results").iterdir() if p.name.count("-") == 2]
+    assert len(paper_runs) == 1, paper_runs
+    assert [r for r in result["rows"] if r["rule"] == "paper"] == first["rows"]
     cells = {(r["combination"], r["rule"], r["task"]) for r in result["rows"]}
     assert cells == {("imdb + trec", rule, task) for rule in ("paper", "weights") for task in ("imdb", "trec")}
     assert all(r["labels"] == "disjoint" for r in result["rows"])  # negative/positive vs question types

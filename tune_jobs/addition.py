@@ -40,6 +40,10 @@ from tune_jobs.tables import (
 )
 
 
+#: the fields of the per-task weight search, on top of the paper's rule
+WEIGHT_SEARCH = ("weight_samples", "weight_range")
+
+
 class AdditionConfig(JobConfig):
     """An addition experiment; loadable from YAML, flags override."""
 
@@ -145,7 +149,11 @@ def run_addition_job(config: AdditionConfig) -> dict[str, Any]:
     backbone = BackboneConfig.as_trained(config.backbone, first.train_config, config.max_source_tokens)
     for task in config.tasks:  # fail before Ray starts when a vector is missing or ambiguous
         task_vectors(store, bb_id, task, first.prompt_length, config.seeds, config.vectors_source)
-    key = short_hash(config.model_dump(mode="json", exclude=set(config.RUN_ONLY)))
+    # the paper's cells do not depend on the weight search: adding `--weight-samples` to a finished addition reuses
+    # them (keyed as with the search's defaults, so experiments run before this rule are found too)
+    without_search = config.model_copy(update={f: AdditionConfig.model_fields[f].default for f in WEIGHT_SEARCH})
+    key = short_hash(without_search.model_dump(mode="json", exclude=set(config.RUN_ONLY)))
+    search_key = short_hash(config.model_dump(mode="json", exclude=set(config.RUN_ONLY)))
     run = dict(config.grid_args(), reuse_finished=True, name=_trial_label)
     base = dict(store=loc.store, source=config.vectors_source, backbone=backbone, eval_examples=config.eval_examples,
                 test_examples=config.test_examples, cpus=config.resources.cpus_per_trial)
@@ -161,7 +169,7 @@ def run_addition_job(config: AdditionConfig) -> dict[str, Any]:
     results = {"paper": [AdditionResult.model_validate(o.metrics["result"]) for o in outcomes if not o.error]}
     failed = [o.error for o in outcomes if o.error]
     if config.weight_samples:
-        results["weights"] = _weight_search(config, cells, base, key, run)
+        results["weights"] = _weight_search(config, cells, base, search_key, run)
     return summarize(config, results, failed, Path(loc.out_dir) / config.name)
 
 
