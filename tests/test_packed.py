@@ -210,20 +210,27 @@ def test_auto_pack_size_fills_the_trial_slots_within_half_the_free_memory(tiny_c
 
     configs = [TrainConfig(task="imdb", backbone={"model": str(tiny_causal_path), "dtype": "float32"},
                            prompt_length=4, batch_size=4, seed=s) for s in range(10)]
-    per_prompt = activation_bytes(configs[0], AutoConfig.from_pretrained(tiny_causal_path), 4)
+    model_config = AutoConfig.from_pretrained(tiny_causal_path)
+    per_prompt = activation_bytes(configs[0], model_config, 4, "cuda")
+    # a CPU pass computes the causal prompt once for its 4 rows: 3 of every 4 rows' prompt positions are not held
+    per_row = model_config.num_hidden_layers * (16 * model_config.hidden_size + 3 * model_config.intermediate_size) * 4
+    cpu_per_prompt = activation_bytes(configs[0], model_config, 4, "cpu")
+    assert per_prompt - cpu_per_prompt == 3 * 4 * per_row
     weights = sum(f.stat().st_size for f in tiny_causal_path.glob("*.safetensors"))
     plenty, three, one = 10**15, 2 * (weights + 3 * per_prompt), 2 * (weights + per_prompt)
     for device in ("cpu", "cuda"):
         assert auto_pack_size(configs, slots=1, free_bytes=plenty, device=device) == 10
         assert auto_pack_size(configs, slots=3, free_bytes=plenty, device=device) == 4  # ceil(10 / 3): slots busy
         assert auto_pack_size(configs, slots=1, free_bytes=0, device=device) == 1
-        assert auto_pack_size(configs, slots=1, free_bytes=one - 1, device=device) == 1
+    assert auto_pack_size(configs, slots=1, free_bytes=one - 1, device="cuda") == 1
+    assert auto_pack_size(configs, slots=1, free_bytes=2 * (weights + cpu_per_prompt) - 1, device="cpu") == 1
     assert auto_pack_size(configs, slots=1, free_bytes=three, device="cuda") == 3
     assert auto_pack_size(configs, slots=1, free_bytes=three - 1, device="cuda") == 2
     assert pack_fits(configs, 3, three, "cuda")
     assert not pack_fits(configs, 4, three, "cuda")  # then it recomputes activations
-    assert auto_pack_size(configs, slots=1, free_bytes=one, device="cpu") == 10
-    assert pack_fits(configs, 10, one, "cpu") and not pack_fits(configs, 10, one - 1, "cpu")
+    cpu_one = 2 * (weights + cpu_per_prompt)
+    assert auto_pack_size(configs, slots=1, free_bytes=cpu_one, device="cpu") == 10
+    assert pack_fits(configs, 10, cpu_one, "cpu") and not pack_fits(configs, 10, cpu_one - 1, "cpu")
 
 
 def test_a_recomputing_pack_ends_where_a_plain_one_does(tasks, causal):

@@ -460,6 +460,9 @@ def test_packs_hold_even_work_not_neighbours_in_the_grid(tiny_causal_path, tasks
     grid = [spec(task, seed) for task in ("imdb", "trec", "yelp") for seed in (0, 1)]
     imdb, yelp = run_costs([grid[0].train, grid[4].train])
     assert imdb < yelp  # yelp's reviews are imdb's with " here" added
+    # a CPU step computes a causal prompt once for the batch: 6 more prompt positions cost 3 x 6 per step
+    longer = spec("imdb", 0, prompt_length=TRAIN["prompt_length"] + 6).train
+    assert run_costs([longer])[0] - imdb == pytest.approx(3 * 6 * TRAIN["max_steps"])
     packs = pack_specs(grid, 3)
     assert [[s.label for s in p] for p in packs] == [["imdb/s0", "trec/s0", "yelp/s0"], ["imdb/s1", "trec/s1", "yelp/s1"]]
     assert run_costs([spec("imdb", 0, max_steps=16).train])[0] > imdb

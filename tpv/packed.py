@@ -172,6 +172,12 @@ def _passes(runs: list[_Run], groups: dict[int, LabelGroup | None], per_pass: in
     return [members[i : i + per_pass] for members in by_group.values() for i in range(0, len(members), per_pass)]
 
 
+def prompt_once(device: str, seq2seq: bool, recomputing: bool = False) -> bool:
+    """Whether a training pass computes each prompt once for all its rows (`pass_prompts`, which says why): on a
+    causal backbone on a CPU without recomputed layers. The cost and memory estimates of packs read it too."""
+    return not (seq2seq or recomputing or device.startswith("cuda"))
+
+
 def pass_prompts(backbone: Backbone, prompts: Sequence[Tensor], counts: Sequence[int]) -> Prompt:
     """The prompt of every row of a training pass: prompt k ([1, L, d]) for its `counts[k]` rows.
 
@@ -185,7 +191,7 @@ def pass_prompts(backbone: Backbone, prompts: Sequence[Tensor], counts: Sequence
     checkpointed layer that appends to a cache would append again when recomputed). A prompt alone in its pass
     computes exactly what it computes alone (bit-identical gradients)."""
     stacked = torch.cat(list(prompts))
-    if backbone.is_seq2seq or backbone.recomputing or backbone.device.type == "cuda":
+    if not prompt_once(str(backbone.device), backbone.is_seq2seq, backbone.recomputing):
         return stacked if len(counts) == 1 else torch.cat([p.expand(n, -1, -1) for p, n in zip(prompts, counts)])
     rows = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
     return backbone.prefix(stacked).select(rows)
@@ -354,16 +360,19 @@ def free_memory_bytes(device: str) -> int:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def activation_bytes(config: TrainConfig, model_config, dtype_bytes: int) -> int:
-    """One prompt's activation memory in a training step: its batch's tokens (prompt, source, target) x layers x
-    (16 x hidden + 3 x intermediate) values. Measured on SmolLM2-135M (fp32, batch 8 of ~60 tokens): +0.7 GB of
-    peak memory per prompt, about 1.5 MB a token; this estimate gives 1.66 MB."""
+def activation_bytes(config: TrainConfig, model_config, dtype_bytes: int, device: str) -> int:
+    """One prompt's activation memory in a training step on `device`: its batch's tokens (source and target per row;
+    the prompt per row, or once where the pass computes it once: `prompt_once`) x layers x (16 x hidden + 3 x
+    intermediate) values. Measured on SmolLM2-135M (fp32, batch 8 of ~60 tokens, the prompt on every row): +0.7 GB
+    of peak memory per prompt, about 1.5 MB a token; this estimate gives 1.66 MB. (Computed once, the prompt's keys
+    and values are still gathered for every row: 2 x the key/value width per position, small beside this.)"""
     text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
     hidden = text.hidden_size  # T5 configs map hidden_size and num_hidden_layers to d_model and num_layers
     layers = text.num_hidden_layers + (getattr(text, "num_decoder_layers", 0) or 0)
     inner = getattr(text, "intermediate_size", None) or getattr(text, "d_ff", None) or 4 * hidden
-    tokens = config.batch_size * ((config.prompt_length or 100) + config.backbone.max_source_tokens
-                                  + config.backbone.max_target_tokens)
+    length = config.prompt_length or 100
+    prompt = length if prompt_once(device, model_config.is_encoder_decoder) else config.batch_size * length
+    tokens = config.batch_size * (config.backbone.max_source_tokens + config.backbone.max_target_tokens) + prompt
     return tokens * layers * (16 * hidden + 3 * inner) * dtype_bytes
 
 
@@ -380,7 +389,7 @@ def _estimate(configs: Sequence[TrainConfig], device: str) -> tuple[int, int]:
     dtype_bytes = 4 if configs[0].backbone.dtype == "float32" or (
         configs[0].backbone.dtype == "auto" and not device.startswith("cuda")) else 2
     weights = sum(f.stat().st_size for f in Path(path).glob("*.safetensors")) * dtype_bytes // 4
-    return weights, max(activation_bytes(c, model_config, dtype_bytes) for c in configs)
+    return weights, max(activation_bytes(c, model_config, dtype_bytes, device) for c in configs)
 
 
 def auto_pack_size(configs: Sequence[TrainConfig], slots: int, free_bytes: int, device: str) -> int:
@@ -397,32 +406,38 @@ def auto_pack_size(configs: Sequence[TrainConfig], slots: int, free_bytes: int, 
 
 
 def run_costs(configs: Sequence[TrainConfig], sample: int = 256) -> list[float]:
-    """Each run's compute in tokens through the model: its training rows x 3 (a forward and its backward) plus its
-    evaluation rows, a row being the prompt plus its task's mean source length (over up to `sample` training
-    examples, tokenized and cut as the backbone does). Only ratios matter: packs run their prompts one after another
-    on a CPU, so a pack lasts the sum of its runs' costs, and `tune_jobs.grid.pack_specs` balances packs by them
-    (a trial slot whose pack ends early idles until the slowest pack ends)."""
-    from transformers import AutoTokenizer
+    """Each run's compute on a CPU in token positions through the model: per training step 3 x (a forward and its
+    backward) its batch's sources (its task's mean source length over up to `sample` training examples, tokenized
+    and cut as the backbone does) and its prompt, once per pass on a causal backbone (`prompt_once`) and on every
+    row on a seq2seq one; plus its evaluations' sources (a causal prompt's keys/values are reused for every row,
+    `tpv.evaluate`; a seq2seq prompt goes with each row). Only ratios matter: packs run their prompts one after
+    another on a CPU, so a pack lasts the sum of its runs' costs, and `tune_jobs.grid.pack_specs` balances packs by
+    them (a trial slot whose pack ends early idles until the slowest pack ends)."""
+    from transformers import AutoConfig, AutoTokenizer
 
     from tpv.bundled import resolve_model_path
 
-    tokenizers: dict[str, object] = {}
+    models: dict[str, tuple[object, bool]] = {}
     lengths: dict[tuple, tuple[int, float]] = {}
     costs = []
     for config in configs:
+        if config.backbone.model not in models:
+            path = resolve_model_path(config.backbone.model)
+            models[config.backbone.model] = (AutoTokenizer.from_pretrained(path),
+                                             AutoConfig.from_pretrained(path).is_encoder_decoder)
+        tokenizer, seq2seq = models[config.backbone.model]
         cut = config.backbone.max_source_tokens
         key = (config.backbone.model, cut, config.task, config.shots, config.max_train_examples, config.data_seed)
         if key not in lengths:
-            if config.backbone.model not in tokenizers:
-                tokenizers[config.backbone.model] = AutoTokenizer.from_pretrained(resolve_model_path(config.backbone.model))
             train_set = training_examples(config)
-            ids = tokenizers[config.backbone.model]([e.source for e in train_set[:sample]])["input_ids"]
+            ids = tokenizer([e.source for e in train_set[:sample]])["input_ids"]
             lengths[key] = len(train_set), sum(min(len(row), cut) for row in ids) / len(ids)
         n_train, source_tokens = lengths[key]
-        steps = total_steps(config, n_train)
+        steps, length = total_steps(config, n_train), config.prompt_length or 100
+        prompt = length if prompt_once("cpu", seq2seq) else config.batch_size * length
         n_dev = len(load_split(config.task, "validation", limit=config.eval_examples, seed=0))
-        evaluated = n_dev * math.ceil(steps / config.eval_every)
-        costs.append(((config.prompt_length or 100) + source_tokens) * (3 * steps * config.batch_size + evaluated))
+        evaluated = n_dev * math.ceil(steps / config.eval_every) * (source_tokens + (length if seq2seq else 0))
+        costs.append(3 * steps * (config.batch_size * source_tokens + prompt) + evaluated)
     return costs
 
 
