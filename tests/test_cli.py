@@ -71,6 +71,7 @@ def test_train_list_show_similarity_compose_eval(trained, tiny_causal_path):
         (["sweep", "--tasks", "cli_sentiment", "--set", "lre=0.5"], "lre: Extra inputs are not permitted", 2),
         (["addition", "--tasks", "cli_sentiment"], "at least 2", 2),
         (["study", "--tasks", "a", "b"], "--target", 2),
+        (["demo", "--seeds", "0", "0"], "at least 2 --seeds", 2),
     ],
 )
 def test_bad_input_is_one_clear_line(trained, tiny_causal_path, args, message, code):

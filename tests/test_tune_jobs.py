@@ -247,6 +247,10 @@ def test_similarity_report_tables_and_heatmap(swept, tmp_path):
     assert [r["n"] for r in result["summary"]["flat"]] == [2, 2, 2]
     same_task = (matrix[0, 1] + matrix[2, 3]) / 2
     assert abs(result["summary"]["flat"][0]["mean"] - same_task) < 1e-9
+    # 2 tasks x 2 origins: the only other arrangement swaps origin 1's labels, making the diff-task pairs same-task
+    test, diff_task = result["same_task_test"], (matrix[0, 3] + matrix[1, 2]) / 2
+    assert (test.exact, test.arrangements, test.p) == (True, 2, 0.5 if diff_task < same_task else 1.0)
+    assert f"Task labels shuffled within each origin (all 2 arrangements): p = {test.p:.4f}" in result["markdown"]
     png = Path(result["paths"]["heatmap"])
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
     assert "imdb/s1" in Path(result["paths"]["flat_csv"]).read_text()

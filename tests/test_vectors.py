@@ -17,6 +17,7 @@ from tpv.vectors import (
     mean_row_share,
     make_vector_id,
     similarity_by_pair_kind,
+    same_task_permutation_test,
     similarity_matrix,
     tensor_sha256,
 )
@@ -186,6 +187,40 @@ def test_pair_kinds_group_a_similarity_matrix():
     groups = similarity_by_pair_kind(metas, matrix)
     assert groups == {"same_task": [matrix[0, 1], matrix[2, 3]], "diff_task": [matrix[0, 3], matrix[1, 2]],
                       "same_origin": [matrix[0, 2], matrix[1, 3]]}
+
+
+def _grid_metas(tasks: str, origins: int):
+    cells = [(t, s) for s in range(origins) for t in tasks]
+    return [_vec(i, task=t).meta.model_copy(update={"origin_seed": s}) for i, (t, s) in enumerate(cells)]
+
+
+def _same_task_matrix(metas, same: float, other: float = 0.0) -> np.ndarray:
+    return np.array([[same if a.task == b.task else other for b in metas] for a in metas])
+
+
+def test_the_permutation_test_counts_every_arrangement_of_task_labels_within_origins():
+    metas = _grid_metas("abc", 2)  # 3 tasks x 2 origins: 3! arrangements of origin 1's labels
+    test = same_task_permutation_test(metas, _same_task_matrix(metas, 0.9))
+    # only the true labels pair every task with itself; any other arrangement keeps at most one task matched
+    assert (test.p, test.arrangements, test.exact, test.smallest_p) == (1 / 6, 6, True, 1 / 6)
+    assert same_task_permutation_test(metas, np.full((6, 6), 0.5)).p == 1.0  # every arrangement ties
+    # same-origin pairs never count: a huge same-origin similarity leaves the test as it was
+    origin_heavy = _same_task_matrix(metas, 0.9) + 5.0 * np.array([[a.origin_seed == b.origin_seed and a.task != b.task
+                                                                     for b in metas] for a in metas])
+    assert same_task_permutation_test(metas, origin_heavy).p == 1 / 6
+    # the other way round: same-task pairs BELOW the rest are as unremarkable as can be
+    assert same_task_permutation_test(metas, _same_task_matrix(metas, -0.9)).p == 1.0
+
+
+def test_the_permutation_test_samples_when_arrangements_are_many_and_needs_a_shared_task():
+    metas = _grid_metas("abcd", 3)  # (4!)^2 = 576 arrangements
+    exact = same_task_permutation_test(metas, _same_task_matrix(metas, 0.9))
+    assert (exact.p, exact.arrangements, exact.exact) == (1 / 576, 576, True)
+    sampled = same_task_permutation_test(metas, _same_task_matrix(metas, 0.9), samples=200, seed=3)
+    assert (sampled.exact, sampled.arrangements, sampled.smallest_p) == (False, 200, 1 / 201)
+    assert sampled.p <= 3 / 201  # a random arrangement matches every task with probability 1/576
+    one_origin_each = [_vec(i, task=t).meta.model_copy(update={"origin_seed": i}) for i, t in enumerate("ab")]
+    assert same_task_permutation_test(one_origin_each, np.eye(2)) is None
 
 
 def test_cosine_bad_inputs():

@@ -228,6 +228,65 @@ def similarity_by_pair_kind(metas: Sequence[VectorMeta], matrix: np.ndarray) -> 
     return groups
 
 
+class PermutationTest(BaseModel):
+    """How often shuffled task labels give same-task pairs a mean similarity at least the observed one."""
+
+    model_config = ConfigDict(frozen=True)
+
+    p: float = Field(description="P(same-task mean >= observed) under the null that the task does not matter")
+    arrangements: int = Field(description="label arrangements counted (all of them when exact)")
+    exact: bool
+    smallest_p: float = Field(description="the least p these vectors allow (exact: 1 / arrangements)")
+
+
+def same_task_permutation_test(metas: Sequence[VectorMeta], matrix: np.ndarray, samples: int = 10_000,
+                               seed: int = 0) -> PermutationTest | None:
+    """Is the same-task mean above what task labels assigned at random would give? Labels are shuffled WITHIN each
+    origin, so same-origin pairs stay same-origin and only which cross-origin pairs count as one task changes (the
+    pairs share vectors, so a t-test over them would overstate the evidence). Exact over every arrangement when
+    there are at most `samples` (the first origin's labels held when distinct: relabeling every origin alike
+    changes nothing),
+    else `samples` seeded random ones (p = (1 + hits) / (1 + samples)). None when no pair shares a task."""
+    import itertools
+    import math
+
+    tasks = sorted({m.task for m in metas})
+    labels = np.array([tasks.index(m.task) for m in metas])
+    origins = np.array([m.origin_seed for m in metas])
+    cross = origins[:, None] != origins[None, :]
+    upper = np.triu(np.ones(len(metas), dtype=bool), 1) & cross
+
+    def same_task_mean(assigned: np.ndarray) -> float:
+        pairs = upper & (assigned[:, None] == assigned[None, :])
+        return float(matrix[pairs].mean()) if pairs.any() else math.nan
+
+    observed = same_task_mean(labels)
+    if math.isnan(observed):
+        return None
+    groups = [np.flatnonzero(origins == o) for o in dict.fromkeys(origins.tolist())]
+    if len(set(labels[groups[0]].tolist())) == len(groups[0]):  # distinct: any arrangement of it is a relabeling
+        groups = groups[1:]
+    total = math.prod(math.factorial(len(g)) for g in groups)
+    tolerance = 1e-12 * max(1.0, abs(observed))
+    if total <= samples:
+        hits = 0
+        for orders in itertools.product(*(itertools.permutations(labels[g]) for g in groups)):
+            assigned = labels.copy()
+            for g, order in zip(groups, orders):
+                assigned[g] = order
+            hits += same_task_mean(assigned) >= observed - tolerance
+        return PermutationTest(p=hits / total, arrangements=total, exact=True, smallest_p=1 / total)
+    rng = np.random.default_rng(seed)
+    hits = 0
+    for _ in range(samples):
+        assigned = labels.copy()
+        for g in groups:
+            assigned[g] = rng.permutation(labels[g])
+        hits += same_task_mean(assigned) >= observed - tolerance
+    return PermutationTest(p=(1 + hits) / (1 + samples), arrangements=samples, exact=False,
+                           smallest_p=1 / (1 + samples))
+
+
 def cosine_similarity(
     a: TaskPromptVector | torch.Tensor, b: TaskPromptVector | torch.Tensor, mode: SimilarityMode = "flat"
 ) -> float:

@@ -82,7 +82,8 @@ def verdict(summary: dict[str, Any]) -> list[str]:
     dominates = summary["same_task_cos"] > max(summary["diff_task_cos"], summary["same_origin_cos"])
     lines.append(("HOLDS" if dominates else "DOES NOT HOLD") + f": the task dominates the origin (flat cosine: same "
                  f"task {summary['same_task_cos']:.3f} vs different task {summary['diff_task_cos']:.3f} vs same "
-                 f"origin {summary['same_origin_cos']:.3f})")
+                 f"origin {summary['same_origin_cos']:.3f}; task-label permutation p {summary['same_task_p']:.3f}, "
+                 f"the least {summary['same_task_p_least']:.3f})")
     better = summary["tpv_zero_shot"] >= summary["random_zero_shot"]
     lines.append(("HOLDS" if better else "DOES NOT HOLD") + f": the TPV init beats a random origin zero-shot on "
                  f"{summary['target']} ({summary['tpv_zero_shot']:.3f} vs {summary['random_zero_shot']:.3f})")
@@ -107,6 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     missing = [s for s in sources if s not in args.tasks]
     if missing:
         raise JobConfigError(f"transfer sources {missing} are not among the sweep tasks {args.tasks}")
+    if len(set(args.seeds)) < 2 or len(set(args.tasks)) < 2:
+        raise JobConfigError("the demo compares vectors across origins and across tasks: give at least 2 --seeds "
+                             "and 2 --tasks")
     where = Locations(**loc.model_dump())
     resources = Resources(**resources_from_args(args, {}))
 
@@ -169,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
         "backbone": args.backbone, "preset": args.preset, "tasks": args.tasks, "seeds": args.seeds,
         "target": args.target, "sources": sources, "vectors_source": vectors,
         "same_task_cos": by_kind["same_task"], "diff_task_cos": by_kind["diff_task"],
-        "same_origin_cos": by_kind["same_origin"],
+        "same_origin_cos": by_kind["same_origin"], "same_task_p": sim["same_task_test"].p,
+        "same_task_p_least": sim["same_task_test"].smallest_p,
         "tpv_zero_shot": sum(zero["tpv"]) / len(zero["tpv"]),
         "random_zero_shot": sum(zero["random"]) / len(zero["random"]),
         "addition_retention": added["mean_retention"]["paper"] / 100.0,

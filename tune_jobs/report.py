@@ -89,6 +89,15 @@ def per_task_cross_seed(metas, matrix) -> list[dict[str, Any]]:
     return rows
 
 
+def permutation_line(test) -> str:
+    """`tpv.vectors.same_task_permutation_test` in one sentence (None: no two vectors share a task)."""
+    if test is None:
+        return "No two vectors share a task across origins: nothing to test."
+    how = f"all {test.arrangements} arrangements" if test.exact else f"{test.arrangements} random arrangements"
+    return (f"Task labels shuffled within each origin ({how}): p = {test.p:.4f} that same-task pairs are this alike "
+            f"by chance (the least these vectors allow: {test.smallest_p:.4f}).")
+
+
 def heatmap(path: Path, labels: list[str], matrices: dict[str, Any], tasks: list[str], title: str) -> Path:
     import matplotlib
 
@@ -125,7 +134,7 @@ def similarity_report(store_uri: str, out_dir: str | Path, backbone_id: str | No
     """Tables (markdown + CSV) and a heatmap PNG of the stored vectors' cosine similarities, every measure of
     tpv.vectors.SIMILARITY_MODES (flat, the paper's, first)."""
     from tpv.store import VectorStore
-    from tpv.vectors import SIMILARITY_MODES, mean_row_share, similarity_matrix
+    from tpv.vectors import SIMILARITY_MODES, mean_row_share, same_task_permutation_test, similarity_matrix
 
     store = VectorStore(store_uri)
     backbone_id = pick_backbone(store, backbone_id)
@@ -140,6 +149,7 @@ def similarity_report(store_uri: str, out_dir: str | Path, backbone_id: str | No
         paths[f"{mode}_csv"] = str(atomic_write(out / f"similarity_{mode}.csv", csv_text(rows, ["vector", *labels])))
     summary = {mode: similarity_summary(metas, m) for mode, m in matrices.items()}
     per_task = per_task_cross_seed(metas, matrices["flat"])
+    permutation = same_task_permutation_test(metas, matrices["flat"])
     shares = [mean_row_share(v) for v in vectors.values()]
     share = sum(shares) / len(shares)
     flat_table = markdown_table(
@@ -149,7 +159,7 @@ def similarity_report(store_uri: str, out_dir: str | Path, backbone_id: str | No
     columns = ["pairs", "n", "mean", "std", "min", "max"]
     md = [f"# Task prompt vector similarity ({backbone_id}, {len(metas)} vectors, {shape})", "",
           "## Summary (flat cosine of the flattened vectors, the paper's measure)", "",
-          markdown_table(summary["flat"], columns, 3), "",
+          markdown_table(summary["flat"], columns, 3), "", permutation_line(permutation), "",
           "## Summary (mean of per-row cosines)", "", markdown_table(summary["per_row_mean"], columns, 3), "",
           "## Summary (cosine of the row-averaged vectors)", "", markdown_table(summary["row_averaged"], columns, 3),
           "", "## Summary (flat cosine of the row-centered vectors: each row less the vector's mean row)", "",
@@ -163,7 +173,8 @@ def similarity_report(store_uri: str, out_dir: str | Path, backbone_id: str | No
     paths["heatmap"] = str(heatmap(out / "similarity.png", labels, matrices, [m.task for m in metas],
                                    f"Task prompt vectors, {backbone_id} ({shape})"))
     return {"backbone_id": backbone_id, "labels": labels, "matrices": matrices, "summary": summary,
-            "mean_row_share": share, "per_task": per_task, "paths": paths, "markdown": "\n".join(md)}
+            "mean_row_share": share, "same_task_test": permutation, "per_task": per_task, "paths": paths,
+            "markdown": "\n".join(md)}
 
 
 # ----------------------------------------------------------------------------------------- cross-origin (Table 1)
