@@ -544,3 +544,18 @@ def test_a_trial_that_sees_another_store_fails_before_any_work(tiny_causal_path,
     assert outcome.error is not None and "not the one the job started on" in outcome.error
     assert str(store) in outcome.error
     assert not store.exists()  # the trial neither created the folder nor wrote into it
+
+
+def test_the_demo_verdict_prints_each_claim_with_the_figures_that_decide_it():
+    from tune_jobs.main_job import verdict
+
+    summary = {"same_task_cos": 0.06, "diff_task_cos": 0.01, "same_origin_cos": 0.08, "same_task_p": 0.5,
+               "same_task_p_least": 1 / 6, "tpv_zero_shot": 0.7, "random_zero_shot": 0.7, "target": "imdb",
+               "addition_retention": 0.912}
+    lines = verdict(summary)
+    assert lines[0] == ("DOES NOT HOLD: the task dominates the origin (flat cosine: same task 0.060 vs different task "
+                        "0.010 vs same origin 0.080; task-label permutation p 0.500, the least these vectors allow "
+                        "0.167)")
+    assert lines[1] == "HOLDS: the TPV init beats a random origin zero-shot on imdb (0.700 vs 0.700)"  # at or above
+    assert lines[2].startswith("addition keeps 91.2% of single-task performance")
+    assert verdict({**summary, "same_origin_cos": 0.0})[0].startswith("HOLDS: the task dominates the origin")

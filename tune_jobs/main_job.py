@@ -82,8 +82,8 @@ def verdict(summary: dict[str, Any]) -> list[str]:
     dominates = summary["same_task_cos"] > max(summary["diff_task_cos"], summary["same_origin_cos"])
     lines.append(("HOLDS" if dominates else "DOES NOT HOLD") + f": the task dominates the origin (flat cosine: same "
                  f"task {summary['same_task_cos']:.3f} vs different task {summary['diff_task_cos']:.3f} vs same "
-                 f"origin {summary['same_origin_cos']:.3f}; task-label permutation p {summary['same_task_p']:.3f}, "
-                 f"the least {summary['same_task_p_least']:.3f})")
+                 f"origin {summary['same_origin_cos']:.3f}; task-label permutation p {summary['same_task_p']:.3f}, the "
+                 f"least these vectors allow {summary['same_task_p_least']:.3f})")
     better = summary["tpv_zero_shot"] >= summary["random_zero_shot"]
     lines.append(("HOLDS" if better else "DOES NOT HOLD") + f": the TPV init beats a random origin zero-shot on "
                  f"{summary['target']} ({summary['tpv_zero_shot']:.3f} vs {summary['random_zero_shot']:.3f})")
