@@ -265,10 +265,10 @@ def plot(path: Path, rows: list[dict[str, Any]]) -> Path:
                    color="tab:red" if r["labels"] == "disjoint" else "tab:blue")
             ax.text(x + i * width, 2, r["task"], rotation=90, fontsize=7, ha="center", va="bottom", color="white")
         ticks.append(x + 0.4 - width / 2)
-        names.append(f"{combo}\n({rule})")
+        names.append(f"{combo} ({rule})")
         x += 1.0
     ax.axhline(100, color="black", lw=0.8, ls="--")
-    ax.set_xticks(ticks, names, fontsize=7)
+    ax.set_xticks(ticks, names, fontsize=7, rotation=25, ha="right")  # long names would overlap side by side
     ax.set_ylabel("retention (% of single-task test metric)")
     ax.set_title("Multi-task addition (red: disjoint label sets)")
     fig.tight_layout()
