@@ -367,6 +367,10 @@ def test_addition_job_tables_plot_and_weight_search(swept, tiny_causal_path, tmp
     assert {(r["rule"], r["origin_seed"]) for r in long_rows} == {(rule, s) for rule in ("paper", "weights")
                                                                    for s in (0, 1)}
     assert all(r["coefficient"] in (0.0, 0.5, 1.0) for r in long_rows if r["rule"] == "paper")
+    assert [r["origin_seed"] for r in long_rows] == [0, 1] * 4  # per rule and task, by origin
+    weighted = {r["origin_seed"]: r["weights"].split() for r in long_rows if r["rule"] == "weights"}
+    shown = next(r["coefficient / weights"] for r in result["rows"] if r["rule"] == "weights")
+    assert shown == "; ".join(f"s{s}: " + ", ".join(f"{float(w):.2f}" for w in weighted[s]) for s in (0, 1))
     for r in long_rows:  # retention is combined / single, per origin
         assert r["retention"] == pytest.approx(r["combined"] / r["single"]) if r["single"] else True
     assert Path(result["paths"]["plot"]).read_bytes()[:4] == b"\x89PNG"

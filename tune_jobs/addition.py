@@ -208,11 +208,12 @@ def summarize(config: AdditionConfig, results: dict[str, list], failed: list[str
     rows, long_rows = [], []
     for rule, found in results.items():
         for combo in config.combos():
-            cell = [r for r in found if r.tasks == combo]
+            # by origin: Tune returns trials in finishing order, which a resumed experiment does not keep
+            cell = sorted((r for r in found if r.tasks == combo), key=lambda r: r.origin_seed)
             if not cell:
                 continue
             shown = (pm([r.coefficient for r in cell], 2) if rule == "paper" else
-                     "; ".join(", ".join(f"{w:.2f}" for w in r.weights) for r in cell))
+                     "; ".join(f"s{r.origin_seed}: " + ", ".join(f"{w:.2f}" for w in r.weights) for r in cell))
             for i, task in enumerate(combo):
                 single = [r.members[i].single for r in cell]
                 combined = [r.members[i].combined for r in cell]
