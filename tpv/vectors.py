@@ -8,6 +8,8 @@ A vector is only meaningful relative to a backbone and a prompt shape, so both t
 from __future__ import annotations
 
 import hashlib
+import itertools
+import math
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from typing import Any, Literal
@@ -245,11 +247,8 @@ def same_task_permutation_test(metas: Sequence[VectorMeta], matrix: np.ndarray, 
     origin, so same-origin pairs stay same-origin and only which cross-origin pairs count as one task changes (the
     pairs share vectors, so a t-test over them would overstate the evidence). Exact over every arrangement when
     there are at most `samples` (the first origin's labels held when distinct: relabeling every origin alike
-    changes nothing),
-    else `samples` seeded random ones (p = (1 + hits) / (1 + samples)). None when no pair shares a task."""
-    import itertools
-    import math
-
+    changes nothing), else `samples` seeded random ones (p = (1 + hits) / (1 + samples)). None when no pair shares
+    a task."""
     tasks = sorted({m.task for m in metas})
     labels = np.array([tasks.index(m.task) for m in metas])
     origins = np.array([m.origin_seed for m in metas])
