@@ -379,6 +379,7 @@ def test_addition_job_tables_plot_and_weight_search(swept, tiny_causal_path, tmp
 
 def test_study_scores_every_recipe_and_length(swept, tiny_causal_path, tasks, tmp_path):
     from tune_jobs.locations import Locations
+    from tpv.vectors import mean_row_share
     from tune_jobs.study import StudyConfig, rank_key, run_study
 
     config = StudyConfig(
@@ -399,6 +400,13 @@ def test_study_scores_every_recipe_and_length(swept, tiny_causal_path, tasks, tm
         assert row["gap"] == pytest.approx(row["same_task"] - max(row["diff_task"], row["same_origin"]))
         assert row["zero_shot_gain"] == pytest.approx(row["tpv_zero_shot"] - row["random_zero_shot"])
         assert 0.0 <= row["val"] <= 1.0 and row["tau_norm"] > 0
+        # 2 tasks x 2 origins: the one other arrangement swaps the second origin's labels, which makes the
+        # different-task pairs the same-task ones, so p is 1/2 exactly when same-task pairs are the more alike
+        assert row["same_task_p"] == (0.5 if row["same_task"] > row["diff_task"] else 1.0)
+        snapshots = [m for m in store.list(kind="task") if m.source.endswith(f"/{row['recipe']}@{row['steps']}")]
+        assert len(snapshots) == 4
+        assert row["mean_row_share"] == pytest.approx(
+            sum(mean_row_share(store.get(m.vector_id, m.backbone_id)) for m in snapshots) / 4)
     # a longer run moved further from its origin than its 4-step snapshot (same recipe)
     norms = {(r["recipe"], r["steps"]): r["tau_norm"] for r in result["rows"]}
     assert norms[("lr=0.3", 8)] > norms[("lr=0.3", 4)]

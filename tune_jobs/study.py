@@ -8,7 +8,11 @@ trial per (recipe, steps) measures, on the vectors of exactly that recipe and le
 - `val`: the mean single-task validation metric;
 - `same_task`, `diff_task`, `same_origin`: mean flat cosine of pairs of one task from different origins, of
   different tasks from different origins, of different tasks from one origin; `gap` = same_task - max(diff_task,
-  same_origin), positive when the task dominates the origin (the paper's first claim);
+  same_origin), positive when the task dominates the origin (the paper's first claim); `same_task_p`, how often
+  task labels shuffled within each origin reach the same-task mean (`tpv.vectors.same_task_permutation_test`:
+  is the gap beyond chance on these few vectors?);
+- `mean_row_share`: the mean share of |tau|^2 in the vector's mean row (`tpv.vectors.mean_row_share`), the part
+  a task can fix with few examples;
 - `tpv_zero_shot` vs `random_zero_shot`: a held-out target's validation metric from O + sum of the sources' vectors
   vs from the bare origin O, on origins no source was trained from (the second claim, zero-shot);
 - `retention`: the addition of all source tasks (c on validation), mean combined / single test metric (the third).
@@ -130,7 +134,7 @@ def score_vectors(spec: ScoreSpec) -> dict[str, float]:
     from tpv.prompt import make_origin
     from tpv.store import VectorStore
     from tpv.tasks import get_task, load_split
-    from tpv.vectors import similarity_by_pair_kind, similarity_matrix
+    from tpv.vectors import mean_row_share, same_task_permutation_test, similarity_by_pair_kind, similarity_matrix
 
     set_threads(spec.cpus)
     backbone = load_backbone(spec.backbone)
@@ -138,13 +142,16 @@ def score_vectors(spec: ScoreSpec) -> dict[str, float]:
     bb = backbone.backbone_id
     metas = [m for t in spec.tasks for m in task_vectors(store, bb, t, None, spec.seeds, spec.source)]
     vectors = [store.get(m.vector_id, bb) for m in metas]
-    groups = similarity_by_pair_kind(metas, similarity_matrix(vectors, "flat")[1])
+    flat = similarity_matrix(vectors, "flat")[1]
+    groups = similarity_by_pair_kind(metas, flat)
     out = {kind: sum(v) / len(v) for kind, v in groups.items() if v}
     out["gap"] = out["same_task"] - max(out.get("diff_task", -1.0), out.get("same_origin", -1.0))
+    out["same_task_p"] = same_task_permutation_test(metas, flat).p
     out["val"] = sum(m.metrics[get_task(m.task).metric] for m in metas) / len(metas)
     length = metas[0].prompt_length
     out["tau_norm"] = sum(float(v.tensor.norm()) for v in vectors) / len(vectors)
     out["origin_norm"] = float(make_origin(backbone, length, spec.seeds[0]).norm())
+    out["mean_row_share"] = sum(mean_row_share(v) for v in vectors) / len(vectors)
 
     target = get_task(spec.target)
     dev = load_split(spec.target, "validation", limit=spec.eval_examples, seed=0)
@@ -243,8 +250,9 @@ def run_study(config: StudyConfig) -> dict[str, Any]:
     return summarize(config, rows, failed, Path(loc.out_dir) / config.name)
 
 
-SCORE_COLUMNS = ["val", "same_task", "diff_task", "same_origin", "gap", "tpv_zero_shot", "random_zero_shot",
-                 "zero_shot_gain", "retention", "addition_c", "tau_norm", "origin_norm"]
+SCORE_COLUMNS = ["val", "same_task", "diff_task", "same_origin", "gap", "same_task_p", "tpv_zero_shot",
+                 "random_zero_shot", "zero_shot_gain", "retention", "addition_c", "tau_norm", "origin_norm",
+                 "mean_row_share"]
 
 
 def summarize(config: StudyConfig, rows: list[dict[str, Any]], failed: list[str], out: Path) -> dict[str, Any]:
