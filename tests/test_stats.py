@@ -27,6 +27,12 @@ def test_paired_t_test_by_hand():
     assert 0.05 < p < 0.2  # t ~ 2.9 on 2 degrees of freedom
     assert math.isnan(paired_t_test([1.0], [0.0])[1])
     assert paired_t_test([1.0, 2.0], [0.0, 1.0]) == (math.inf, 0.0)  # the same gain every time
+    # the same gain in accuracies, whose differences round apart (0.95 - 0.94 != 0.94 - 0.93 in floats)
+    assert paired_t_test([0.95, 0.94, 0.95], [0.94, 0.93, 0.94]) == (math.inf, 0.0)
+    assert paired_t_test([0.93, 0.92], [0.94, 0.93]) == (-math.inf, 0.0)
+    t, _ = paired_t_test([0.95, 0.94, 0.96], [0.94, 0.93, 0.94])  # a real spread stays finite
+    assert math.isfinite(t) and t > 0
+    assert all(math.isnan(v) for v in paired_t_test([0.1 + 0.2, 0.5], [0.3, 0.5]))  # no gain, up to rounding
     with pytest.raises(ValueError):
         paired_t_test([1.0], [1.0, 2.0])
 

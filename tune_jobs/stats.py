@@ -18,8 +18,11 @@ def paired_t_test(a: Sequence[float], b: Sequence[float]) -> tuple[float, float]
         return math.nan, math.nan
     mean = sum(diffs) / n
     var = sum((d - mean) ** 2 for d in diffs) / (n - 1)
-    if var == 0.0:
-        return (math.nan, math.nan) if mean == 0.0 else (math.copysign(math.inf, mean), 0.0)
+    # Equal gains differ by the rounding of a - b, about 1e-16 of the values, not 0: that spread would make t
+    # astronomically large rather than infinite. Below 1e-12 of the values' size the spread is no spread.
+    scale = max(abs(x) for x in (*a, *b))
+    if math.sqrt(var) <= 1e-12 * scale:
+        return (math.nan, math.nan) if abs(mean) <= 1e-12 * scale else (math.copysign(math.inf, mean), 0.0)
     t = mean / math.sqrt(var / n)
     return t, student_t_two_sided_p(t, n - 1)
 
