@@ -59,3 +59,10 @@ def test_transfer_significance_pairs_inits_by_seed():
     assert tpv0["gain"] == pytest.approx(0.2) and tpv0["t"] == pytest.approx(t) and tpv0["p"] == pytest.approx(p)
     assert tpv0["p (Bonferroni)"] == pytest.approx(min(1.0, 4 * p))
     assert significance(config.model_copy(update={"seeds": [1]}), "imdb", rows) == []  # one seed: no test
+    assert [r["significant"] for r in tests] == ["no"] * 4
+    # one sentence more on every seed: the t-test's infinite t says so, whatever the gain's size
+    random = {(r["shots"], r["seed"]): r["test"] for r in rows if r["init"] == "random"}
+    even = [{**r, "test": random[(r["shots"], r["seed"])] + (0.01 if r["shots"] == 8 else 0.0)}
+            if r["init"] == "spot" else r for r in rows]
+    spot8 = next(r for r in significance(config, "imdb", even) if (r["shots"], r["init"]) == (8, "SPoT"))
+    assert (spot8["t"], spot8["significant"]) == (math.inf, "yes, the same gain on every seed")

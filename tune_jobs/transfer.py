@@ -290,7 +290,8 @@ def significance(config: TransferConfig, target: str, long_rows: list[dict[str, 
         corrected = bonferroni(p, len(pairs))
         rows.append({"shots": k, "init": INIT_NAMES[init], "gain": (sum(a) - sum(b)) / len(seeds) if seeds else None,
                      "t": t, "p": p, "p (Bonferroni)": corrected,
-                     "significant": "yes" if corrected < 0.05 else "no"})
+                     "significant": ("no" if not corrected < 0.05 else
+                                     "yes, the same gain on every seed" if math.isinf(t) else "yes")})
     return rows
 
 
