@@ -314,9 +314,21 @@ def test_transfer_runs_every_init_and_writes_tables(swept, tiny_causal_path, tmp
     assert result["auto_sources"]["yelp/s10"][0][0] in {"imdb", "trec"}
     table = result["tables"]["yelp"]
     assert "| TPV (auto sources) |" in table and "k=2" in table
+    assert "seeds [10]; 8 test examples per cell;" in result["markdown"]
     assert Path(result["paths"]["plot_yelp"]).read_bytes()[:4] == b"\x89PNG"
     assert len(VectorStore(store).list()) >= 4  # transfer runs read the store, never add task vectors to it
     assert all(m.source.startswith("tpv sweep") for m in VectorStore(store).list())
+
+
+def test_transfer_report_says_how_many_test_examples_each_cell_scored(tasks):
+    from tpv.tasks import load_split
+    from tune_jobs.transfer import scored_examples
+
+    n = len(load_split("yelp", "test"))
+    assert n > 3
+    assert scored_examples("yelp", 3) == "3 test examples"
+    assert scored_examples("yelp", n + 100) == f"{n} test examples (the whole test split)"
+    assert scored_examples("yelp", None) == f"{n} test examples (the whole test split)"
 
 
 def test_transfer_flags_name_the_source_vectors():

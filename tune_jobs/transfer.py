@@ -251,7 +251,8 @@ def summarize(config: TransferConfig, outcomes, auto_sources, out: Path, store_u
         auto_text = "; ".join(f"s{s}: " + ", ".join(f"{t} ({c:.2f})" for t, c in picked)
                               for s, picked in auto.items())
         sections += [f"## {target} ({metric}, test) <- sources {', '.join(sources)}", "",
-                     f"seeds {config.seeds}; mean ± std over seeds; k = training examples per class", "", table, ""]
+                     f"seeds {config.seeds}; {scored_examples(target, config.test_examples)} per cell; mean ± std over "
+                     "seeds; k = training examples per class", "", table, ""]
         tests = significance(config, target, long_rows)
         if tests:
             sections += ["Each init vs the random origin, paired by seed: t-test, Bonferroni over the "
@@ -271,6 +272,15 @@ def summarize(config: TransferConfig, outcomes, auto_sources, out: Path, store_u
              **{f"plot_{t}": p for t, p in plots.items()}}
     return {"rows": long_rows, "tables": tables, "markdown": md, "paths": paths, "failed": len(errors),
             "auto_sources": {f"{t}/s{s}": v for (t, s), v in auto_sources.items()}}
+
+
+def scored_examples(target: str, limit: int | None) -> str:
+    """How many test examples each cell scored, said plainly when the split is smaller than asked: a difference of
+    one example is then the resolution of every figure in the table."""
+    from tpv.tasks import load_split
+
+    n = len(load_split(target, "test", limit=limit, seed=0))
+    return f"{n} test examples" + (" (the whole test split)" if limit is None or n < limit else "")
 
 
 def significance(config: TransferConfig, target: str, long_rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
