@@ -12,7 +12,7 @@ trial per (recipe, steps) measures, on the vectors of exactly that recipe and le
   task labels shuffled within each origin reach the same-task mean (`tpv.vectors.same_task_permutation_test`:
   is the gap beyond chance on these few vectors?);
 - `mean_row_share`: the mean share of |tau|^2 in the vector's mean row (`tpv.vectors.mean_row_share`), the part
-  a task can fix with few examples;
+  that one task's vectors from different origins agree on most (docs/RESULTS.md §1);
 - `tpv_zero_shot` vs `random_zero_shot`: a held-out target's validation metric from O + sum of the sources' vectors
   vs from the bare origin O, on origins no source was trained from (the second claim, zero-shot);
 - `retention`: the addition of all source tasks (c on validation), mean combined / single test metric (the third).

@@ -275,8 +275,8 @@ def summarize(config: TransferConfig, outcomes, auto_sources, out: Path, store_u
 
 
 def scored_examples(target: str, limit: int | None) -> str:
-    """How many test examples each cell scored, said plainly when the split is smaller than asked: a difference of
-    one example is then the resolution of every figure in the table."""
+    """How many test examples each cell scored (one of them is the resolution of every figure in the table), saying
+    so when the split is smaller than asked."""
     from tpv.tasks import load_split
 
     n = len(load_split(target, "test", limit=limit, seed=0))
