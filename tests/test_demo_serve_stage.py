@@ -44,3 +44,34 @@ def test_served_scores_equal_offline_ones(tiny_causal_path, tmp_path):
             serve_and_check(str(tmp_path / "store"), str(tiny_causal_path), "imdb-tpv", "imdb", examples)
     finally:
         serve.shutdown()
+
+
+def test_the_demo_serves_the_composition_whose_c_scores_best_on_validation(tiny_causal_path, tmp_path):
+    import csv
+    from argparse import Namespace
+
+    from tune_jobs.config import Resources
+    from tune_jobs.locations import Locations
+    from tune_jobs.main_job import serve_stage
+
+    write_builtin_task("imdb", sentiment_rows())
+    backbone = Backbone.load(BackboneConfig(model=str(tiny_causal_path)))
+    store = VectorStore(tmp_path / "store")
+    for seed in (0, 1):
+        tau = 2.0 * torch.randn(4, backbone.hidden_size, generator=torch.Generator().manual_seed(seed))
+        store.put(TaskPromptVector.create(tau, task="imdb", backbone_id=backbone.backbone_id, origin_seed=seed,
+                                          source="tpv sweep x"))
+    where = Locations(store=str(tmp_path / "store"), storage_path=str(tmp_path / "ray_results"),
+                      out_dir=str(tmp_path / "reports"))
+    args = Namespace(target="imdb", seeds=[0, 1], transfer_seeds=[10], backbone=str(tiny_causal_path))
+    served = serve_stage(args, ["imdb"], "tpv sweep x", "imdb-tpv", Resources(cpus_per_trial=1), where)
+
+    with open(tmp_path / "reports" / "imdb-tpv" / "weights.csv") as f:
+        grid = [(float(r["coefficient"]), float(r["objective"])) for r in csv.DictReader(f)]
+    assert [c for c, _ in grid] == [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]  # the demo's addition grid
+    best = max(grid, key=lambda r: (r[1], -r[0]))[0]
+    assert served["served_coefficient"] == best
+    spec = Composer(store, lambda n, s: None).named(backbone.backbone_id, "imdb-tpv")
+    assert (spec.coefficient, spec.origin_seed) == (best, 10)
+    assert [(t.task, t.seeds, t.source, t.weight) for t in spec.terms] == [("imdb", [0, 1], "tpv sweep x", 1.0)]
+    assert served["served_max_prob_diff"] < 1e-4 and served["served_accuracy"] == served["offline_accuracy"]

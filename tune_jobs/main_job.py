@@ -8,8 +8,10 @@ Local Ray (or `$RAY_ADDRESS`), the local store, the bundled SmolLM2-135M, real d
 3. similarity of those vectors (`tpv report`): same task vs different task vs same origin (flat cosine);
 4. multi-task addition (`tpv addition`): pairs and all sources, c on validation, retention per task;
 5. few-shot transfer (`tpv transfer`): the target from random origin, SPoT, multi-SPoT and TPV inits;
-6. serve: the TPV composition for the target is stored under a name, the Serve app starts on the store, classifies
-   the target's test sentences over real HTTP, and the served scores are checked against tpv's offline ones;
+6. serve: the target's best TPV composition, O + c * sum(tau) with c chosen on the target's validation split (the
+   paper's rule, `tpv search-weights --modes paper`), is stored under a name, the Serve app starts on the store,
+   classifies the target's test sentences over real HTTP, and the served scores are checked against tpv's offline
+   ones;
 7. `demo-summary.json` beside the reports, and a verdict on the paper's claims with the figures.
 
 Sized for about 20 minutes on 2 CPU cores; every stage prints progress. Re-running it reuses what is done
@@ -28,7 +30,7 @@ from typing import Any
 from tpv.bundled import DEFAULT_BACKBONE
 from tpv.paths import atomic_write
 from tpv.train import PRESETS
-from tune_jobs.config import add_resource_args
+from tune_jobs.config import Resources, add_resource_args
 from tune_jobs.locations import Locations, add_location_args, locations_from_args
 from tune_jobs.runtime import init_ray
 from tune_jobs.tables import markdown_table
@@ -103,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     loc = locations_from_args(args)
     sources = args.sources or DEMO_TARGET.get(args.target) or args.tasks[:2]
-    from tune_jobs.config import JobConfigError, Resources, resources_from_args
+    from tune_jobs.config import JobConfigError, resources_from_args
 
     missing = [s for s in sources if s not in args.tasks]
     if missing:
@@ -184,8 +186,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.skip_serve:
         stage(6, "serve skipped (--skip-serve)")
     else:
-        stage(6, f"serve: the TPV composition `{name}` classifies {args.target} test sentences over HTTP")
-        summary |= serve_stage(args, loc.store, sources, vectors, name, resources.cpus_per_trial)
+        stage(6, f"serve: the TPV composition `{name}` (c on {args.target}'s validation) classifies "
+                 f"{args.target} test sentences over HTTP")
+        summary |= serve_stage(args, sources, vectors, name, resources, where)
     summary["minutes"] = round((time.perf_counter() - started) / 60, 2)
 
     stage(7, f"done in {summary['minutes']:.1f} min")
@@ -203,27 +206,32 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def serve_stage(args, store_uri: str, sources: list[str], vectors: str, name: str, cpus: float) -> dict[str, Any]:
-    """Store the target's TPV composition (the sources' seed-mean vectors summed on the first transfer origin), serve
-    it, and compare the served scores with tpv's own."""
-    from tpv.backbone import backbone_id_for
-    from tpv.compose import Composer, CompositionBody, prompt_length_of
-    from tpv.store import VectorStore
+def serve_stage(args, sources: list[str], vectors: str, name: str, resources: Resources,
+                where: Locations) -> dict[str, Any]:
+    """Store the target's best TPV composition (the sources' seed-mean vectors summed on the first transfer origin,
+    times the c that scores best on the target's validation split), serve it, and compare the served scores with
+    tpv's own."""
     from tpv.tasks import load_split
     from tune_jobs.serve_check import serve_and_check
+    from tune_jobs.weights import WeightSearchConfig, run_search
 
-    store = VectorStore(store_uri)
-    bb_id = backbone_id_for(args.backbone)
-    body = CompositionBody(terms=[{"task": s, "seeds": args.seeds, "source": vectors} for s in sources])
-    spec = body.applied(bb_id, args.transfer_seeds[0], prompt_length_of(store, bb_id, body))
-    Composer(store, lambda n, s: None).save_named(name, spec, overwrite=True)
+    searched = run_search(WeightSearchConfig(
+        name=name, target=args.target, sources=sources, vectors_source=vectors, vector_seeds=args.seeds,
+        backbone=args.backbone, origin_seed=args.transfer_seeds[0], modes=["paper"],
+        grid_step=ADDITION["grid_step"], eval_examples=ADDITION["eval_examples"], resources=resources,
+        locations=where))
+    best = searched["found"]["paper"]
+    print(f"c = {best['coefficient']:.2f} scores best on {args.target}'s validation "
+          f"({best['metric_value']:.3f}); saved as `{name}`", flush=True)
     examples = load_split(args.target, "test", limit=TRANSFER["test_examples"], seed=0)
-    check = serve_and_check(store_uri, args.backbone, name, args.target, examples, num_cpus=cpus)
+    check = serve_and_check(where.resolved().store, args.backbone, name, args.target, examples,
+                            num_cpus=resources.cpus_per_trial)
     print(f"served {check.examples} sentences at {check.url} in {check.seconds:.0f}s: accuracy "
           f"{check.served_accuracy:.3f} (offline {check.offline_accuracy:.3f}), largest probability difference "
           f"{check.max_prob_diff:.2e}", flush=True)
     return {"served_accuracy": check.served_accuracy, "offline_accuracy": check.offline_accuracy,
-            "served_max_prob_diff": check.max_prob_diff, "served_composition": name}
+            "served_max_prob_diff": check.max_prob_diff, "served_composition": name,
+            "served_coefficient": best["coefficient"]}
 
 
 if __name__ == "__main__":
