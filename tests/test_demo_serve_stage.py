@@ -14,16 +14,24 @@ from tpv.vectors import TaskPromptVector
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_session")]
 
-def test_served_scores_equal_offline_ones(tiny_causal_path, tmp_path):
-    from tune_jobs.serve_check import ServeAlreadyRunning, serve_and_check
 
+def imdb_vectors(model_path, tmp_path) -> tuple[Backbone, VectorStore]:
+    """imdb data and two imdb vectors of one job (origins 0 and 1, source 'tpv sweep x') in a fresh store."""
     write_builtin_task("imdb", sentiment_rows())
-    backbone = Backbone.load(BackboneConfig(model=str(tiny_causal_path)))
+    backbone = Backbone.load(BackboneConfig(model=str(model_path)))
     store = VectorStore(tmp_path / "store")
-    for seed in (0, 1):  # two seeds of one job: the composition is their seed-mean on origin 10
+    for seed in (0, 1):
         tau = 2.0 * torch.randn(4, backbone.hidden_size, generator=torch.Generator().manual_seed(seed))
         store.put(TaskPromptVector.create(tau, task="imdb", backbone_id=backbone.backbone_id, origin_seed=seed,
                                           source="tpv sweep x"))
+    return backbone, store
+
+
+def test_served_scores_equal_offline_ones(tiny_causal_path, tmp_path):
+    from tune_jobs.serve_check import ServeAlreadyRunning, serve_and_check
+
+    backbone, store = imdb_vectors(tiny_causal_path, tmp_path)
+    # the composition is the two vectors' seed-mean on origin 10
     body = CompositionBody(terms=[{"task": "imdb", "seeds": [0, 1], "source": "tpv sweep x"}])
     Composer(store, lambda n, s: None).save_named("imdb-tpv", body.applied(backbone.backbone_id, 10, 4))
 
@@ -54,13 +62,7 @@ def test_the_demo_serves_the_composition_whose_c_scores_best_on_validation(tiny_
     from tune_jobs.locations import Locations
     from tune_jobs.main_job import serve_stage
 
-    write_builtin_task("imdb", sentiment_rows())
-    backbone = Backbone.load(BackboneConfig(model=str(tiny_causal_path)))
-    store = VectorStore(tmp_path / "store")
-    for seed in (0, 1):
-        tau = 2.0 * torch.randn(4, backbone.hidden_size, generator=torch.Generator().manual_seed(seed))
-        store.put(TaskPromptVector.create(tau, task="imdb", backbone_id=backbone.backbone_id, origin_seed=seed,
-                                          source="tpv sweep x"))
+    backbone, store = imdb_vectors(tiny_causal_path, tmp_path)
     where = Locations(store=str(tmp_path / "store"), storage_path=str(tmp_path / "ray_results"),
                       out_dir=str(tmp_path / "reports"))
     args = Namespace(target="imdb", seeds=[0, 1], transfer_seeds=[10], backbone=str(tiny_causal_path))

@@ -390,8 +390,8 @@ def test_addition_job_tables_plot_and_weight_search(swept, tiny_causal_path, tmp
 
 
 def test_study_scores_every_recipe_and_length(swept, tiny_causal_path, tasks, tmp_path):
-    from tune_jobs.locations import Locations
     from tpv.vectors import mean_row_share
+    from tune_jobs.locations import Locations
     from tune_jobs.study import StudyConfig, rank_key, run_study
 
     config = StudyConfig(
