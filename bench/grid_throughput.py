@@ -11,7 +11,9 @@ compared with the same pair's vector of the per-run side: ||difference|| / ||vec
 and the stricter max |difference| / max |vector| (`max_abs_diff`). On a CPU each packed prompt has its own forward
 pass, so both are 0 there; on a GPU the pack shares passes, and float noise from the larger matrix products weighs
 most on the components with the smallest gradients (AdamW normalizes each by its own gradient's size). The sides
-take turns over `--rounds`, in a rotating order. Last line JSON:
+take turns over `--rounds`, in a rotating order. `--sides floor` adds the arithmetic alone (`side_floor`, no Ray):
+per-run wall / floor wall, `floor_vs_trials_wall`, is the most R that any packing of the same runs could reach
+on these CPUs. Last line JSON:
 
     {"packed_vs_trials_wall": R, "packed_vs_trials_peak_rss": M, "max_vector_diff": D, "auto_vs_trials_wall": ...}
     R = per-run wall / packed wall (target >= 1.3 on CPU, >= 4 on a GPU); M = packed peak / per-run peak
@@ -25,6 +27,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import queue
 import shutil
 import statistics
 import tempfile
@@ -34,8 +38,10 @@ from pathlib import Path
 
 from grid_args import add_grid_args, prepared_model
 
-#: the sides: name -> its pack (the packed side packs every run into one trial)
+#: the sides on Ray: name -> its pack (the packed side packs every run into one trial)
 SIDES = {"packed": "all", "per-run": 1, "auto": "auto"}
+#: each side's name in the JSON (`floor`: `side_floor`, no Ray)
+KEYS = {"packed": "packed_vs_trials", "auto": "auto_vs_trials", "floor": "floor_vs_trials"}
 
 
 class PeakWorkers:
@@ -134,11 +140,63 @@ def side_without_ray(configs, packed: bool) -> dict:
             "peak": torch.cuda.max_memory_allocated() if cuda else None}
 
 
+def _floor_share(configs: list[dict], ready, results) -> None:
+    """One CPU's share of `side_floor`: one torch thread, its model loaded before the clock starts."""
+    import torch
+
+    from tpv.backbone import Backbone
+    from tpv.packed import train_pack
+    from tpv.train import TrainConfig
+
+    torch.set_num_threads(1)
+    configs = [TrainConfig.model_validate(c) for c in configs]
+    backbone = Backbone.load(configs[0].backbone)
+    ready.wait()  # every share starts its clock together, after every model load
+    start = time.perf_counter()
+    trained = train_pack(configs, backbone)
+    wall = time.perf_counter() - start
+    results.put((wall, [((c.task, c.seed), (r.tuned - r.origin).float().numpy()) for c, r in zip(configs, trained)]))
+
+
+def side_floor(configs, cpus: int) -> dict:
+    """`--sides floor`: the arithmetic alone, a lower bound on any side's wall, so per-run wall / floor wall bounds
+    the R that any arrangement of the same runs could reach. No Ray, no Tune, no checkpoints or store: `cpus`
+    processes of one torch thread, each with its model already loaded, train a share of the runs balanced by work
+    (`tune_jobs.grid.pack_specs`, as the auto side's packs); the wall is the slowest share's."""
+    import multiprocessing
+
+    import torch
+
+    from tune_jobs.grid import pack_specs
+    from tune_jobs.trial import TrialSpec
+
+    specs = [TrialSpec(label=f"{c.task}/s{c.seed}", train=c) for c in configs]
+    shares = pack_specs(specs, math.ceil(len(specs) / cpus))
+    ctx = multiprocessing.get_context("spawn")
+    ready, results = ctx.Barrier(len(shares)), ctx.Queue()
+    workers = [ctx.Process(target=_floor_share, args=([s.train.model_dump() for s in share], ready, results))
+               for share in shares]
+    for worker in workers:
+        worker.start()
+    done = []
+    while len(done) < len(workers):
+        try:
+            done.append(results.get(timeout=5))
+        except queue.Empty:
+            if any(w.exitcode for w in workers):
+                raise SystemExit("a floor share failed: its error is above") from None
+    for worker in workers:
+        worker.join()
+    return {"wall": max(wall for wall, _ in done), "peak": None,
+            "vectors": {key: torch.from_numpy(v) for _, vectors in done for key, v in vectors}}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_grid_args(p, ["rotten_tomatoes", "tweets", "sms_spam", "trec"], steps=8, cpus_help="CPUs of each side", rounds=1)
-    p.add_argument("--sides", nargs="+", choices=SIDES, default=list(SIDES),
-                   help="which sides to run (per-run always runs: the others are compared with it)")
+    p.add_argument("--sides", nargs="+", choices=[*SIDES, "floor"], default=list(SIDES),
+                   help="which sides to run (per-run always runs: the others are compared with it; floor: the "
+                   "arithmetic alone, `side_floor`)")
     p.add_argument("--without-ray", action="store_true", help="packed vs per-run in this process, no Ray "
                    "(`side_without_ray`): for a machine without Ray")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
@@ -170,9 +228,11 @@ def main(argv: list[str] | None = None) -> int:
         # (pack, CPUs per trial) of each side
         plan = {name: (len(configs) if name == "packed" else SIDES[name], args.cpus if name == "packed" else 1)
                 for name in SIDES if name in args.sides or name == "per-run"}
-        sides = list(plan)
+        sides = list(plan) + ["floor"] * ("floor" in args.sides)
 
         def run_side(name: str, r: int) -> dict:
+            if name == "floor":
+                return side_floor(configs, args.cpus)
             return side(config, *plan[name], args.cpus, work / f"r{r}-{name}")
 
     walls: dict[str, list[float]] = {name: [] for name in sides}
@@ -195,15 +255,14 @@ def main(argv: list[str] | None = None) -> int:
                 abs_diffs += [float((packed[k] - single[k]).abs().max() / single[k].abs().max()) for k in single]
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    key = {"packed": "packed_vs_trials", "auto": "auto_vs_trials"}
-    measured = all(x is not None for xs in peaks.values() for x in xs)
+    measured = [name for name in sides if all(x is not None for x in peaks[name])]
     print(json.dumps({
-        **{f"{key[name]}_wall": round(sum(walls["per-run"]) / sum(walls[name]), 3) for name in key if name in sides},
-        **{f"{key[name]}_peak_rss": round(statistics.mean(peaks[name]) / statistics.mean(peaks["per-run"]), 3)
-           if measured else None for name in key if name in sides},
+        **{f"{KEYS[name]}_wall": round(sum(walls["per-run"]) / sum(walls[name]), 3) for name in KEYS if name in sides},
+        **{f"{KEYS[name]}_peak_rss": round(statistics.mean(peaks[name]) / statistics.mean(peaks["per-run"]), 3)
+           if "per-run" in measured and name in measured else None for name in ("packed", "auto") if name in sides},
         "max_vector_diff": max(diffs, default=None), "max_abs_diff": max(abs_diffs, default=None),
         **{f"{name}_s": [round(x, 1) for x in walls[name]] for name in sides},
-        **({f"{name}_peak_gib": [round(x / 2**30, 2) for x in peaks[name]] for name in sides} if measured else {}),
+        **{f"{name}_peak_gib": [round(x / 2**30, 2) for x in peaks[name]] for name in measured},
         "runs": len(configs), "steps": args.steps, "cpus": args.cpus, "model": model, "dtype": args.dtype,
         "ray": not args.without_ray,
     }))
