@@ -538,7 +538,7 @@ def test_pack_flag():
 
 def test_a_trials_memory_is_measured_where_trials_run_and_shared_by_the_trials_of_a_node(ray_session):
     """The session's Ray node has 2 CPUs: two 1-CPU trials share its available memory, one 2-CPU trial has it all."""
-    from tpv.packed import free_memory_bytes
+    from tpv.memory import free_memory_bytes
     from tune_jobs.config import Resources
     from tune_jobs.grid import trial_memory
 

@@ -346,20 +346,6 @@ def train_pack(
 MAX_AUTO_PACK = 64
 
 
-def free_memory_bytes(device: str) -> int:
-    """Memory free for a trial on `device`: the GPU's free memory ("cuda"), else the machine's available memory."""
-    if device.startswith("cuda") and torch.cuda.is_available():
-        return int(torch.cuda.mem_get_info()[0])
-    try:
-        with open("/proc/meminfo") as meminfo:
-            fields = dict(line.split(":", 1) for line in meminfo)
-        return int(fields["MemAvailable"].split()[0]) * 1024
-    except (OSError, KeyError, ValueError):
-        import os
-
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-
 def activation_bytes(config: TrainConfig, model_config, dtype_bytes: int, device: str) -> int:
     """One prompt's activation memory in a training step on `device`: its batch's tokens (source and target per row;
     the prompt per row, or once where the pass computes it once: `prompt_once`) x layers x (16 x hidden + 3 x

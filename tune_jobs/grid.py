@@ -229,7 +229,7 @@ def trial_memory(resources: Resources, device: str) -> int:
     by the trials that node runs at once."""
     import ray
 
-    from tpv.packed import free_memory_bytes
+    from tpv.memory import free_memory_bytes
 
     @ray.remote(**resources.remote_options())
     def measure() -> tuple[int, float]:
