@@ -7,10 +7,13 @@ processes, so each side's memory is its own): the per-run side runs one-thread t
 side one trial with `--cpus` threads, the auto side `--cpus` one-thread packs. Wall time is the sweep's, from
 `run_sweep` to its return (Ray's own start excluded). Peak memory is the largest sum, over time, of the resident
 memory of the Ray worker processes of that side's Ray (sampled every 0.1 s). Each vector of the packed side is
-compared with the same pair's vector of the per-run side: ||difference|| / ||vector|| (D, the largest over pairs),
-and the stricter max |difference| / max |vector| (`max_abs_diff`). On a CPU each packed prompt has its own forward
-pass, so both are 0 there; on a GPU the pack shares passes, and float noise from the larger matrix products weighs
-most on the components with the smallest gradients (AdamW normalizes each by its own gradient's size). The sides
+compared with the same pair's vector of the per-run side: ||difference|| / ||vector|| (D, the largest over pairs
+and sides; `vector_diff_by_side` per side), and the stricter max |difference| / max |vector| (`max_abs_diff`). On a
+CPU each packed prompt has its own forward pass, so both are 0 at the same thread count (the auto side); the packed
+side's `--cpus` threads change the sums of the small matrix products that run the prompt once per step (L rows),
+which a lone run shows between 1 and 2 threads too. On a GPU the pack shares passes, and float noise from the
+larger matrix products weighs most on the components with the smallest gradients (AdamW normalizes each by its own
+gradient's size). The sides
 take turns over `--rounds`, in a rotating order. `--sides floor` adds the arithmetic alone (`side_floor`, no Ray):
 per-run wall / floor wall, `floor_vs_trials_wall`, is the most R that any packing of the same runs could reach
 on these CPUs. Last line JSON:
@@ -237,7 +240,8 @@ def main(argv: list[str] | None = None) -> int:
 
     walls: dict[str, list[float]] = {name: [] for name in sides}
     peaks: dict[str, list[int | None]] = {name: [] for name in sides}
-    diffs, abs_diffs = [], []
+    diffs: dict[str, list[float]] = {name: [] for name in sides if name != "per-run"}
+    abs_diffs: list[float] = []
     try:
         for r in range(args.rounds):
             found = {}
@@ -251,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
             for other in set(sides) - {"per-run"}:
                 packed = found[other]["vectors"]
                 assert packed.keys() == single.keys() and len(packed) == len(configs), "every side has every pair"
-                diffs += [float((packed[k] - single[k]).norm() / single[k].norm()) for k in single]
+                diffs[other] += [float((packed[k] - single[k]).norm() / single[k].norm()) for k in single]
                 abs_diffs += [float((packed[k] - single[k]).abs().max() / single[k].abs().max()) for k in single]
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -260,7 +264,9 @@ def main(argv: list[str] | None = None) -> int:
         **{f"{KEYS[name]}_wall": round(sum(walls["per-run"]) / sum(walls[name]), 3) for name in KEYS if name in sides},
         **{f"{KEYS[name]}_peak_rss": round(statistics.mean(peaks[name]) / statistics.mean(peaks["per-run"]), 3)
            if "per-run" in measured and name in measured else None for name in ("packed", "auto") if name in sides},
-        "max_vector_diff": max(diffs, default=None), "max_abs_diff": max(abs_diffs, default=None),
+        "max_vector_diff": max((d for ds in diffs.values() for d in ds), default=None),
+        "max_abs_diff": max(abs_diffs, default=None),
+        "vector_diff_by_side": {name: max(ds, default=None) for name, ds in diffs.items()},
         **{f"{name}_s": [round(x, 1) for x in walls[name]] for name in sides},
         **{f"{name}_peak_gib": [round(x / 2**30, 2) for x in peaks[name]] for name in measured},
         "runs": len(configs), "steps": args.steps, "cpus": args.cpus, "model": model, "dtype": args.dtype,
