@@ -13,10 +13,9 @@ CPU each packed prompt has its own forward pass, so both are 0 at the same threa
 side's `--cpus` threads change the sums of the small matrix products that run the prompt once per step (L rows),
 which a lone run shows between 1 and 2 threads too. On a GPU the pack shares passes, and float noise from the
 larger matrix products weighs most on the components with the smallest gradients (AdamW normalizes each by its own
-gradient's size). The sides
-take turns over `--rounds`, in a rotating order. `--sides floor` adds the arithmetic alone (`side_floor`, no Ray):
-per-run wall / floor wall, `floor_vs_trials_wall`, is the most R that any packing of the same runs could reach
-on these CPUs. Last line JSON:
+gradient's size). The sides take turns over `--rounds`, in a rotating order. `--sides floor` adds the arithmetic
+alone (`side_floor`, no Ray): per-run wall / floor wall, `floor_vs_trials_wall`, is the most R that any packing of
+the same runs could reach on these CPUs. Last line JSON:
 
     {"packed_vs_trials_wall": R, "packed_vs_trials_peak_rss": M, "max_vector_diff": D, "auto_vs_trials_wall": ...}
     R = per-run wall / packed wall (target >= 1.3 on CPU, >= 4 on a GPU); M = packed peak / per-run peak

@@ -549,6 +549,17 @@ def test_a_trials_memory_is_measured_where_trials_run_and_shared_by_the_trials_o
     assert one == pytest.approx(two / 2, rel=0.2)
 
 
+def test_the_memory_probe_reads_a_cpus_memory_without_importing_torch():
+    """`trial_memory` runs `free_memory_bytes` in a Ray task: on a CPU it must not pay torch's import (seconds)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from tpv.memory import free_memory_bytes; free = free_memory_bytes('cpu'); "
+            "print(free > 0, 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["True", "False"]
+
+
 def test_a_trial_that_sees_another_store_fails_before_any_work(tiny_causal_path, tasks, tmp_path):
     """What a node without the shared store sees (its own empty folder under the store's path) is refused: the
     trial fails with the store named, instead of training and writing a vector nobody else reads."""
