@@ -81,3 +81,18 @@ def test_bad_input_is_one_clear_line(trained, tiny_causal_path, args, message, c
     out = tpv(*args, home=home)
     assert out.returncode == code, (out.stdout, out.stderr)
     assert out.stderr.startswith("error: ") and message in out.stderr and "Traceback" not in out.stderr
+
+
+def test_train_config_file_keeps_its_backbone_block(trained, tiny_causal_path):
+    """`--config` merges the flags into the file field by field: the file's backbone (model and input length)
+    survives a flag that sets other fields, and a --backbone flag replaces only the model."""
+    home, _ = trained
+    config = home / "run.yaml"
+    config.write_text(f"task: cli_sentiment\nprompt_length: 4\nmax_steps: 1\nprogress: false\n"
+                      f"backbone:\n  model: {tiny_causal_path}\n  max_source_tokens: 17\n")
+    out = tpv("train", "--config", str(config), "--seed", "7", home=home)
+    assert out.returncode == 0, out.stderr
+    shown = json.loads(tpv("vectors", "show", json.loads(out.stdout)["vector_id"], home=home).stdout)
+    assert shown["origin_seed"] == 7
+    assert shown["train_config"]["backbone"]["model"] == str(tiny_causal_path)
+    assert shown["train_config"]["backbone"]["max_source_tokens"] == 17

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from tpv.merge import MERGE_METHODS, MergeError, get_method, merge, parse_params
+from tpv.merge import MERGE_METHODS, MergeError, check_inputs, get_method, merge, parse_params
 from tpv.vectors import TaskPromptVector
 
 
@@ -172,3 +172,14 @@ def test_bad_inputs():
         merge("sum", [nan])
     with pytest.raises(MergeError, match="tensors"):
         merge("sum", [[1.0, 2.0]])  # type: ignore[list-item]
+
+
+def test_ties_refuses_a_negative_weight_other_methods_take_it():
+    """TIES elects signs and divides by the agreeing weights: -1 * tau would come back as +tau, so it is refused;
+    the linear methods subtract as asked."""
+    with pytest.raises(MergeError, match="negative"):
+        merge("ties", [A], [-1.0], density=1.0)
+    with pytest.raises(MergeError, match="negative"):
+        check_inputs("ties", 2, [1.0, -0.5])
+    assert torch.equal(merge("weighted", [A], [-1.0]), -A)
+    assert torch.allclose(merge("dare", [A, B], [1.0, -1.0], p=0.0), A - B)

@@ -108,13 +108,15 @@ def cmd_train(args) -> None:
     import yaml
 
     from tpv.backbone import Backbone
+    from tpv.config_merge import deep_merge
     from tpv.train import TrainConfig, train
 
     overrides = {k: v for k, v in {"seed": args.seed, "max_steps": args.steps, "shots": args.shots,
                                    "prompt_length": args.prompt_length, "lr": args.lr}.items() if v is not None}
-    overrides["backbone"] = {"model": args.backbone, "device": args.device}
+    # only the backbone fields given as flags: the file's `backbone:` block keeps the rest
+    overrides["backbone"] = {k: v for k, v in {"model": args.backbone, "device": args.device}.items() if v is not None}
     if args.config:
-        config = TrainConfig(**{**yaml.safe_load(Path(args.config).read_text()), **overrides})
+        config = TrainConfig.model_validate(deep_merge(yaml.safe_load(Path(args.config).read_text()) or {}, overrides))
     else:
         config = TrainConfig.preset(args.preset, args.task, **overrides)
     backbone, store = Backbone.load(config.backbone), _store(args)
@@ -264,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--prompt-length", type=int)
     train.add_argument("--lr", type=float)
     _add_common(train)
-    train.set_defaults(func=cmd_train)
+    train.set_defaults(func=cmd_train, backbone=None)  # None: the --config file's backbone, else the default
 
     ev = sub.add_parser("eval", help="evaluate a composition (or one task's vector) on a task split")
     ev.add_argument("--task", required=True)

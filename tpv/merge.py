@@ -50,6 +50,7 @@ class MergeMethod:
     params: type[MergeParams]
     weighted: bool  # accepts per-input weights other than 1
     commutative: bool  # result independent of input order (lets specs sort their terms)
+    negative_weights: bool = True  # accepts weights below 0
     min_inputs: int = 1
     max_inputs: int | None = None
     doc: str = ""
@@ -60,11 +61,12 @@ MERGE_METHODS: dict[str, MergeMethod] = {}
 
 def _register(
     name: str, *, params: type[MergeParams] = MergeParams, weighted: bool, commutative: bool = True,
-    max_inputs: int | None = None,
+    max_inputs: int | None = None, negative_weights: bool = True,
 ) -> Callable[[MergeFn], MergeFn]:
     def deco(fn: MergeFn) -> MergeFn:
         MERGE_METHODS[name] = MergeMethod(
-            name, fn, params, weighted, commutative, max_inputs=max_inputs, doc=(fn.__doc__ or "").strip()
+            name, fn, params, weighted, commutative, negative_weights, max_inputs=max_inputs,
+            doc=(fn.__doc__ or "").strip(),
         )
         return fn
 
@@ -110,13 +112,14 @@ def _trim(x: torch.Tensor, density: float) -> torch.Tensor:
     return (flat * mask).view_as(x)
 
 
-@_register("ties", params=TiesParams, weighted=True)
+@_register("ties", params=TiesParams, weighted=True, negative_weights=False)
 def _ties(x: torch.Tensor, w: torch.Tensor, p: TiesParams) -> torch.Tensor:
     """TIES, weighted as mergekit's `ties` defines it: trim each vector to its top-density magnitudes, multiply by
     its weight, elect each entry's sign from the sum of the weighted values (a zero sum elects +), then take the
     disjoint weighted mean: sum of the agreeing weighted values / sum of their weights (0 where none agree).
     E.g. x = [+1, -1], w = [1, 3]: weighted [+1, -3] elect -, so -3 / 3 = -1. Unlike mergekit, trimming keeps
-    ceil(density * n) entries (at least one) where mergekit keeps floor(density * n)."""
+    ceil(density * n) entries (at least one) where mergekit keeps floor(density * n). A negative weight is refused
+    (`check_inputs`): the sign election and the division by the agreeing weights would turn -w * tau into +tau."""
     ws = _bcast(w, x)
     u = _trim(x, p.density) * ws
     elected = torch.where(u.sum(0) >= 0, 1.0, -1.0)
@@ -163,6 +166,9 @@ def check_inputs(method: str, n_inputs: int, weights: Sequence[float] | None) ->
         raise MergeError(f"{len(weights)} weight(s) for {n_inputs} input(s)")
     if not all(math.isfinite(float(x)) for x in weights):
         raise MergeError(f"weights must be finite, got {list(map(float, weights))}")
+    if not m.negative_weights and any(float(x) < 0 for x in weights):
+        raise MergeError(f"merge method {method!r} takes no negative weights, got {list(map(float, weights))}; "
+                         "subtract a vector with 'weighted' or 'negate'")
     if not m.weighted and any(float(x) != 1.0 for x in weights):
         raise MergeError(f"merge method {method!r} takes no weights; use 'weighted', 'ties' or 'dare'")
 

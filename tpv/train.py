@@ -21,6 +21,7 @@ from torch import Tensor
 
 from tpv.backbone import Backbone, BackboneConfig
 from tpv.compose import Composer, CompositionSpec
+from tpv.config_merge import deep_merge
 from tpv.errors import InvalidInput
 from tpv.prompt import make_origin
 from tpv.store import VectorStore
@@ -90,14 +91,7 @@ class TrainConfig(BaseModel):
         """A named recipe (PRESETS) for `task`, with TrainConfig fields overriding it."""
         if name not in PRESETS:
             raise InvalidInput(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
-        return cls.model_validate(_deep_merge({**PRESETS[name], "task": task}, overrides))
-
-
-def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in extra.items():
-        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
+        return cls.model_validate(deep_merge({**PRESETS[name], "task": task}, overrides))
 
 
 PresetName = Literal["paper", "causal", "causal_cpu"]
