@@ -19,18 +19,21 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from tpv.addition import choose_coefficient, coefficient_grid
 from tpv.backbone import Backbone, BackboneConfig
 from tpv.compose import Composer, CompositionSpec
 from tpv.config_merge import deep_merge
 from tpv.errors import InvalidInput
+from tpv.evaluate import evaluate_many
 from tpv.prompt import make_origin
 from tpv.store import VectorStore
-from tpv.tasks import Example, TaskConfigError, few_shot, load_split
+from tpv.tasks import Example, TaskConfigError, few_shot, get_task, load_split
 from tpv.vectors import TaskPromptVector
 
 
 class InitSpec(BaseModel):
-    """Where the prompt starts: the run's origin, a composition of stored vectors on it, or tuned prompts (SPoT)."""
+    """Where the prompt starts (`INIT_BUILDERS`): the run's origin, a composition of stored vectors on it (TPV), or
+    stored tuned prompts (SPoT)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -38,7 +41,13 @@ class InitSpec(BaseModel):
     composition: dict[str, Any] | None = Field(
         None, description="CompositionSpec fields (terms, method, coefficient, params); origin and shape come from the run"
     )
-    vector_ids: list[str] = Field(default_factory=list, description="tuned: stored vectors whose tuned prompts are averaged")
+    choose_coefficient: bool = Field(
+        False, description="composition: the coefficient c is chosen on this run's validation split over the paper's "
+        "grid 0, 0.05, ..., 1 (tpv.addition.coefficient_grid, chosen by tpv.addition.choose_coefficient) instead of "
+        "the composition's own",
+    )
+    vector_ids: list[str] = Field(default_factory=list, description="tuned: stored vectors whose tuned prompts "
+                                  "(origin + tau, each on its own origin) are averaged; one id is one run's prompt")
 
     @model_validator(mode="after")
     def _complete(self) -> InitSpec:
@@ -46,6 +55,8 @@ class InitSpec(BaseModel):
             raise ValueError("init kind 'composition' needs a composition (terms, weights)")
         if self.kind == "tuned" and not self.vector_ids:
             raise ValueError("init kind 'tuned' needs vector_ids of the source prompts")
+        if self.choose_coefficient and self.kind != "composition":
+            raise ValueError("choose_coefficient applies to init kind 'composition'")
         return self
 
 
@@ -192,18 +203,29 @@ def prompt_length_for(config: TrainConfig, backbone: Backbone) -> int:
     return config.prompt_length or (50 if backbone.is_seq2seq else 100)
 
 
-def initial_prompt(config: TrainConfig, backbone: Backbone, origin: Tensor, store: VectorStore | None) -> Tensor:
-    """The tensor training starts from (SPoT, multi-source SPoT and TPV init all land here)."""
-    if config.init.kind == "origin":
-        return origin
-    if store is None:
-        raise ValueError(f"init kind {config.init.kind!r} reads stored vectors: pass a store")
-    if config.init.kind == "composition":
-        spec = CompositionSpec(
-            **{**config.init.composition, "backbone_id": backbone.backbone_id, "origin_seed": config.seed,
-               "prompt_length": origin.shape[0]}
-        )
-        return Composer(store, lambda length, seed: make_origin(backbone, length, seed)).compose(spec)
+InitBuilder = Callable[["TrainConfig", Backbone, Tensor, VectorStore], Tensor]
+
+
+def _composed_init(config: TrainConfig, backbone: Backbone, origin: Tensor, store: VectorStore) -> Tensor:
+    """TPV: this run's origin + c * the composition; with `choose_coefficient`, c is the paper's grid point whose
+    prompt scores best on this run's validation split (the addition experiment's rule, `tpv.addition`)."""
+    composer = Composer(store, lambda length, seed: make_origin(backbone, length, seed))
+    fields = {**config.init.composition, "backbone_id": backbone.backbone_id, "origin_seed": config.seed,
+              "prompt_length": origin.shape[0]}
+    if not config.init.choose_coefficient:
+        return composer.compose(CompositionSpec(**fields))
+    grid = coefficient_grid()
+    prompts = [composer.compose(CompositionSpec(**{**fields, "coefficient": c})) for c in grid]
+    task, dev = get_task(config.task), load_split(config.task, "validation", limit=config.eval_examples, seed=0)
+    scores = evaluate_many(backbone, [p.to(backbone.device) for p in prompts], [task] * len(grid), [dev] * len(grid),
+                           config.eval_batch_size)
+    best = choose_coefficient([{"coefficient": c, "mean": m[task.metric], "label_logprob": m.get("label_logprob", 0.0)}
+                               for c, m in zip(grid, scores)])
+    return prompts[grid.index(best["coefficient"])]
+
+
+def _tuned_init(config: TrainConfig, backbone: Backbone, origin: Tensor, store: VectorStore) -> Tensor:
+    """SPoT: stored runs' tuned prompts (each its origin + tau), whatever this run's origin; several are averaged."""
     tuned = []
     for vector_id in config.init.vector_ids:
         vector = store.get(vector_id, backbone.backbone_id)
@@ -211,6 +233,21 @@ def initial_prompt(config: TrainConfig, backbone: Backbone, origin: Tensor, stor
             raise ValueError(f"vector {vector_id!r} has shape {vector.shape}, this run's prompt is {tuple(origin.shape)}")
         tuned.append(vector.apply(make_origin(backbone, vector.meta.prompt_length, vector.meta.origin_seed)))
     return torch.stack(tuned).mean(0)
+
+
+#: InitSpec.kind -> the builder of the tensor a run starts from (kind 'origin' is the run's own origin)
+INIT_BUILDERS: dict[str, InitBuilder] = {
+    "origin": lambda config, backbone, origin, store: origin,
+    "composition": _composed_init,
+    "tuned": _tuned_init,
+}
+
+
+def initial_prompt(config: TrainConfig, backbone: Backbone, origin: Tensor, store: VectorStore | None) -> Tensor:
+    """The tensor training starts from (random origin, SPoT, multi-source SPoT and TPV all land here)."""
+    if config.init.kind != "origin" and store is None:
+        raise ValueError(f"init kind {config.init.kind!r} reads stored vectors: pass a store")
+    return INIT_BUILDERS[config.init.kind](config, backbone, origin, store)
 
 
 def training_examples(config: TrainConfig) -> list[Example]:

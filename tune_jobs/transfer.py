@@ -1,16 +1,20 @@
 """`tpv transfer`: few-shot transfer from stored source vectors to target tasks, every init side by side.
 
 For each target, each number of shots (k examples per class; 0 = evaluate the init as it is) and each origin
-seed, one Ray Tune trial per init:
+seed, one Ray Tune trial per init (`TRANSFER_INITS`, the starting prompt of each):
 
-- `random`      the run's own origin (plain prompt tuning)
-- `spot`        SPoT: the tuned prompt of the group's first source (its best stored vector on validation)
-- `multi_spot`  multi-source SPoT: the mean of the sources' tuned prompts
-- `tpv`         TPV: a fresh origin + coefficient * sum of the sources' task prompt vectors (each source task is the
-                mean of its stored vectors over origin seeds)
+- `random`      the run's own origin O (plain prompt tuning)
+- `spot`        SPoT: the tuned prompt of ONE run of the group's first source, O_s + tau_s as that run ended; which
+                run is `spot_run` (best on the source's validation, or the run on the target run's origin seed as
+                the paper's scripts pair them)
+- `multi_spot`  multi-source SPoT, approximated: the mean of the sources' SPoT prompts (each one run, as `spot`
+                picks it). The paper trains one prompt on the sources' joint data instead; tpv has no multi-task run
+- `tpv`         TPV: the run's fresh origin O + c * sum of the sources' task prompt vectors (each source task is the
+                mean of its stored vectors over origin seeds), c chosen on the target's validation split over the
+                paper's grid 0..1 step 0.05 unless `tpv_coefficient` fixes it
 - `tpv_auto`    TPV whose sources are picked automatically: a short probe run on the target (probe_shots per class,
-                probe_steps steps) gives a probe vector; the `auto_k` stored tasks most similar to it (row-mean
-                cosine) are combined as in `tpv`
+                probe_steps steps) gives a probe vector; the `auto_k` stored tasks most similar to it (flat cosine,
+                the paper's measure, mean over their seeds) are combined as in `tpv`
 
 The runs use fresh origin seeds (default 10, 11, 12: not the sweep's), so TPV inits also test the cross-origin
 claim. Each cell's test metric is reported as mean +- std over seeds in markdown/CSV tables, with a
@@ -25,6 +29,8 @@ from __future__ import annotations
 import argparse
 import math
 import posixpath
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -57,9 +63,7 @@ from tune_jobs.tables import (
 from tune_jobs.trial import TrialSpec
 
 Init = Literal["random", "spot", "multi_spot", "tpv", "tpv_auto"]
-INITS: list[str] = ["random", "spot", "multi_spot", "tpv", "tpv_auto"]
-INIT_NAMES = {"random": "random origin", "spot": "SPoT", "multi_spot": "multi-source SPoT", "tpv": "TPV",
-              "tpv_auto": "TPV (auto sources)"}
+SpotRun = Literal["best_validation", "same_seed"]
 
 #: source -> target groups of the built-in tasks (in the paper's spirit: MNLI+QNLI -> SciTail/SNLI, SST-2+Yelp -> IMDB...)
 DEFAULT_GROUPS: dict[str, list[str]] = {
@@ -86,8 +90,14 @@ class TransferConfig(JobConfig):
     train: dict[str, Any] = Field(default_factory=dict, description="TrainConfig fields over the preset")
     few_shot_steps: int = Field(40, ge=1, description="steps per few-shot run")
     test_examples: int | None = Field(200, ge=1, description="test examples per cell (None: all)")
-    tpv_coefficient: float = Field(1.0, description="coefficient on the sum of source vectors (TPV inits); "
-                                   "`tpv search-weights` picks one on validation")
+    spot_run: SpotRun = Field(
+        "best_validation", description="SPoT's one source run: 'best_validation', the source's stored run with the "
+        "best validation metric (SPoT's own rule: the best source checkpoint); 'same_seed', the source's run on the "
+        "target run's origin seed, as the paper's scripts pair them (soft_prompts/origin_k/<source>.bin for a target "
+        "run on origin_k): the sources need vectors of the target seeds")
+    tpv_coefficient: float | None = Field(
+        None, description="TPV inits: the coefficient c on the sum of source vectors; None: chosen per run on the "
+        "target's validation split over the paper's grid 0..1 step 0.05 (tpv.addition's rule)")
     auto_k: int = Field(2, ge=1, description="tpv_auto: number of stored tasks combined")
     probe_shots: int = Field(16, ge=1, description="tpv_auto: examples per class of the probe run")
     probe_steps: int = Field(20, ge=1, description="tpv_auto: steps of the probe run")
@@ -138,11 +148,62 @@ def pick_similar_tasks(store, backbone_id: str, config: TransferConfig, probe, e
     return sorted(scores.items(), key=lambda x: -x[1])[:k]
 
 
-def _composition(config: TransferConfig, tasks: list[str]) -> InitSpec:
+@dataclass(frozen=True)
+class Cell:
+    """What an init builder reads: the job, its store, the target with its sources, and the run's origin seed."""
+
+    config: TransferConfig
+    store: Any
+    backbone_id: str
+    length: int
+    target: str
+    sources: list[str]
+    seed: int
+    auto_sources: dict[tuple[str, int], list[tuple[str, float]]]
+
+
+def spot_run(cell: Cell, task: str) -> str:
+    """The vector id of the one stored run of `task` whose tuned prompt SPoT starts from (`spot_run`)."""
+    from tpv.tasks import get_task
+
+    metas = source_vectors(cell.store, cell.backbone_id, cell.config, task, cell.length)
+    if cell.config.spot_run == "same_seed":
+        same = [m for m in metas if m.origin_seed == cell.seed]
+        if not same:
+            raise JobConfigError(f"spot_run 'same_seed': source {task!r} has no vector of origin seed {cell.seed} "
+                                 f"(it has seeds {[m.origin_seed for m in metas]})")
+        return same[0].vector_id
+    metric = get_task(task).metric
+    return max(metas, key=lambda m: (m.metrics.get(metric, -math.inf), m.metrics.get("label_logprob", -math.inf),
+                                     -m.origin_seed)).vector_id
+
+
+def _composition(cell: Cell, tasks: list[str]) -> InitSpec:
+    config = cell.config
     narrow = {"seeds": config.vector_seeds, "source": config.vectors_source}
-    return InitSpec(kind="composition", composition={
+    return InitSpec(kind="composition", choose_coefficient=config.tpv_coefficient is None, composition={
         "terms": [{"task": t, "weight": 1.0, **{k: v for k, v in narrow.items() if v is not None}} for t in tasks],
-        "method": "weighted", "coefficient": config.tpv_coefficient})
+        "method": "weighted", "coefficient": 1.0 if config.tpv_coefficient is None else config.tpv_coefficient})
+
+
+@dataclass(frozen=True)
+class TransferInit:
+    name: str  # as the tables print it
+    build: Callable[[Cell], InitSpec]
+
+
+#: the one registry of the transfer's inits: name -> its table name and the InitSpec of its starting prompt
+TRANSFER_INITS: dict[str, TransferInit] = {
+    "random": TransferInit("random origin", lambda cell: InitSpec()),
+    "spot": TransferInit("SPoT", lambda cell: InitSpec(kind="tuned", vector_ids=[spot_run(cell, cell.sources[0])])),
+    "multi_spot": TransferInit("multi-source SPoT", lambda cell: InitSpec(
+        kind="tuned", vector_ids=[spot_run(cell, s) for s in cell.sources])),
+    "tpv": TransferInit("TPV", lambda cell: _composition(cell, cell.sources)),
+    "tpv_auto": TransferInit("TPV (auto sources)", lambda cell: _composition(
+        cell, [t for t, _ in cell.auto_sources[(cell.target, cell.seed)]])),
+}
+INITS: list[str] = list(TRANSFER_INITS)
+INIT_NAMES = {k: v.name for k, v in TRANSFER_INITS.items()}
 
 
 def run_transfer(config: TransferConfig) -> dict[str, Any]:
@@ -192,20 +253,11 @@ def run_transfer(config: TransferConfig) -> dict[str, Any]:
     # 2. the cells
     specs = []
     for target, sources in config.targets.items():
-        ids = {s: [m.vector_id for m in source_vectors(store, bb_id, config, s, length)] for s in sources}
         for shots in config.shots:
             for init in config.inits:
                 for seed in config.seeds:
-                    if init == "random":
-                        init_spec = InitSpec()
-                    elif init == "spot":  # the first source's tuned prompts (seed-mean), same vectors as TPV's
-                        init_spec = InitSpec(kind="tuned", vector_ids=ids[sources[0]])
-                    elif init == "multi_spot":
-                        init_spec = InitSpec(kind="tuned", vector_ids=[v for s in sources for v in ids[s]])
-                    elif init == "tpv":
-                        init_spec = _composition(config, sources)
-                    else:
-                        init_spec = _composition(config, [t for t, _ in auto_sources[(target, seed)]])
+                    init_spec = TRANSFER_INITS[init].build(Cell(config, store, bb_id, length, target, sources, seed,
+                                                                auto_sources))
                     extra: dict[str, Any] = {"init": init_spec.model_dump()}
                     if shots:
                         extra["shots"] = shots
@@ -356,7 +408,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", choices=list(PRESETS), help="the recipe (tpv.train.PRESETS; default causal_cpu)")
     p.add_argument("--few-shot-steps", type=int, help="training steps per few-shot run")
     p.add_argument("--test-examples", type=int, help="test examples per cell (default 200)")
-    p.add_argument("--tpv-coefficient", type=float, help="coefficient on the sum of source vectors (default 1)")
+    p.add_argument("--tpv-coefficient", type=float, help="coefficient on the sum of source vectors (default: chosen "
+                   "per run on the target's validation over the paper's grid 0..1 step 0.05)")
+    p.add_argument("--spot-run", choices=["best_validation", "same_seed"], help="SPoT's one source run: the best on "
+                   "the source's validation (default), or the run on the target run's origin seed (the paper's pairing)")
     p.add_argument("--auto-k", type=int, help="tpv_auto: how many similar tasks to combine (default 2)")
     p.add_argument("--vectors-source", help="only source vectors one job wrote (their VectorMeta.source, e.g. "
                    "'tpv sweep mid-1a2b3c4d')")
@@ -385,7 +440,7 @@ def parse_targets(items: list[str]) -> dict[str, list[str]]:
 def config_from_cli(args) -> TransferConfig:
     """The TransferConfig that `tpv transfer` flags (and its --config file) describe."""
     return config_from_args(TransferConfig, args, ("name", "shots", "inits", "seeds", "backbone", "preset",
-                                                   "few_shot_steps", "test_examples", "tpv_coefficient", "auto_k",
+                                                   "few_shot_steps", "test_examples", "tpv_coefficient", "spot_run", "auto_k",
                                                    "vectors_source", "vector_seeds", "verbose"),
                             targets=parse_targets(args.targets) if args.targets else None)
 
