@@ -212,6 +212,53 @@ def test_the_permutation_test_counts_every_arrangement_of_task_labels_within_ori
     assert same_task_permutation_test(metas, _same_task_matrix(metas, -0.9)).p == 1.0
 
 
+def _every_arrangement_p(metas, matrix) -> float:
+    """The oracle: every within-origin arrangement of the task labels, none skipped."""
+    import itertools
+
+    tasks, origins = [m.task for m in metas], [m.origin_seed for m in metas]
+    groups = [[i for i, o in enumerate(origins) if o == origin] for origin in dict.fromkeys(origins)]
+
+    def mean(labels):
+        same = [matrix[i, j] for i in range(len(labels)) for j in range(i + 1, len(labels))
+                if origins[i] != origins[j] and labels[i] == labels[j]]
+        return sum(same) / len(same) if same else -math.inf
+
+    observed, hits, total = mean(tasks), 0, 0
+    for orders in itertools.product(*(itertools.permutations([tasks[i] for i in g]) for g in groups)):
+        labels = list(tasks)
+        for g, order in zip(groups, orders):
+            for i, t in zip(g, order):
+                labels[i] = t
+        hits, total = hits + (mean(labels) >= observed - 1e-12), total + 1
+    return hits / total
+
+
+def test_the_permutation_test_enumerates_every_origin_when_origins_hold_different_tasks():
+    """Origins of tasks {a, b}, {a, c}, {b, c}: fixing the first origin's labels (a shortcut that holds only when
+    every origin holds the same tasks) gave p 0.25 here, where every arrangement counted gives 0.5."""
+    cells = [("a", 0), ("b", 0), ("a", 1), ("c", 1), ("b", 2), ("c", 2)]
+    metas = [_vec(i, task=t).meta.model_copy(update={"origin_seed": s}) for i, (t, s) in enumerate(cells)]
+    upper = np.zeros((6, 6))
+    for i, j in [(0, 4), (1, 2), (1, 3), (1, 4), (3, 4), (3, 5), (4, 5)]:
+        upper[i, j] = 1.0
+    matrix = upper + upper.T
+    test = same_task_permutation_test(metas, matrix)
+    assert (test.p, test.arrangements, test.smallest_p) == (0.5, 8, 1 / 8) == (_every_arrangement_p(metas, matrix),
+                                                                                8, 1 / 8)
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        noise = rng.normal(size=(6, 6))
+        noise = noise + noise.T
+        assert same_task_permutation_test(metas, noise).p == pytest.approx(_every_arrangement_p(metas, noise))
+    # the same tasks on every origin: the shortcut holds, and agrees with the oracle
+    grid = _grid_metas("abc", 2)
+    noise = rng.normal(size=(6, 6))
+    noise = noise + noise.T
+    shortcut = same_task_permutation_test(grid, noise)
+    assert shortcut.arrangements == 6 and shortcut.p == pytest.approx(_every_arrangement_p(grid, noise))
+
+
 def test_the_permutation_test_samples_when_arrangements_are_many_and_needs_a_shared_task():
     metas = _grid_metas("abcd", 3)  # (4!)^2 = 576 arrangements
     exact = same_task_permutation_test(metas, _same_task_matrix(metas, 0.9))

@@ -246,8 +246,8 @@ def same_task_permutation_test(metas: Sequence[VectorMeta], matrix: np.ndarray, 
     """Is the same-task mean above what task labels assigned at random would give? Labels are shuffled WITHIN each
     origin, so same-origin pairs stay same-origin and only which cross-origin pairs count as one task changes (the
     pairs share vectors, so a t-test over them would overstate the evidence). Exact over every arrangement when
-    there are at most `samples` (the first origin's labels held when distinct: relabeling every origin alike
-    changes nothing), else `samples` seeded random ones (p = (1 + hits) / (1 + samples)). None when no pair shares
+    there are at most `samples` (the first origin's labels held when every origin holds the same distinct tasks:
+    relabeling every origin alike changes nothing), else `samples` seeded random ones (p = (1 + hits) / (1 + samples)). None when no pair shares
     a task."""
     tasks = sorted({m.task for m in metas})
     labels = np.array([tasks.index(m.task) for m in metas])
@@ -263,7 +263,7 @@ def same_task_permutation_test(metas: Sequence[VectorMeta], matrix: np.ndarray, 
     if math.isnan(observed):
         return None
     groups = [np.flatnonzero(origins == o) for o in dict.fromkeys(origins.tolist())]
-    if len(set(labels[groups[0]].tolist())) == len(groups[0]):  # distinct: any arrangement of it is a relabeling
+    if _relabeling_holds(labels, groups):
         groups = groups[1:]
     total = math.prod(math.factorial(len(g)) for g in groups)
     tolerance = 1e-12 * max(1.0, abs(observed))
@@ -284,6 +284,14 @@ def same_task_permutation_test(metas: Sequence[VectorMeta], matrix: np.ndarray, 
         hits += same_task_mean(assigned) >= observed - tolerance
     return PermutationTest(p=(1 + hits) / (1 + samples), arrangements=samples, exact=False,
                            smallest_p=1 / (1 + samples))
+
+
+def _relabeling_holds(labels: np.ndarray, groups: list[np.ndarray]) -> bool:
+    """May the first origin's labels stay fixed? Only when every origin holds the same set of distinct tasks: then
+    each arrangement is one of k! relabelings of one with the first origin as observed, all with the same statistic.
+    With different task sets a relabeling is no arrangement, and fixing the first origin drops some."""
+    first = labels[groups[0]].tolist()
+    return len(set(first)) == len(first) and all(sorted(labels[g].tolist()) == sorted(first) for g in groups)
 
 
 def cosine_similarity(

@@ -1,30 +1,71 @@
 """The paper's significance test for few-shot transfer: a paired t-test (inits compared on the same seeds) with a
-Bonferroni correction. Written out here (Student's t through the regularized incomplete beta function) rather than
-adding scipy for one function."""
+Bonferroni correction, and the exact sign test where the differences do not spread. Written out here (Student's t
+through the regularized incomplete beta function) rather than adding scipy for a few functions."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
 
+from pydantic import BaseModel, ConfigDict, Field
 
-def paired_t_test(a: Sequence[float], b: Sequence[float]) -> tuple[float, float]:
-    """(t, two-sided p) of mean(a - b) != 0 over paired samples; NaN when there are under 2 pairs or no spread."""
+
+class PairedTest(BaseModel):
+    """A paired comparison of a against b: Student's t when the differences spread, else the exact sign test (a gain
+    that is the same on every pair has an infinite t and a t-test p of 0, which says nothing about its size)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    n: int = Field(description="pairs compared")
+    mean_gain: float = Field(description="mean of a - b (NaN without pairs)")
+    t: float = Field(description="Student's t (+-inf without spread, NaN under 2 pairs or without any gain)")
+    p: float = Field(description="two-sided p: the t-test's, or the sign test's without spread (NaN under 2 pairs)")
+    spread: bool = Field(description="False when every difference is the same, up to rounding")
+
+    @property
+    def method(self) -> str:
+        return "paired t-test" if self.spread else "sign test (no spread)"
+
+    @property
+    def least_p(self) -> float:
+        """The least p this design allows: a t-test can reach any p from 2 pairs on; a sign test no less than
+        2^(1 - n); no test under 2 pairs."""
+        if self.n < 2:
+            return math.nan
+        return 0.0 if self.spread else sign_test_p(self.n, self.n)
+
+
+def paired_test(a: Sequence[float], b: Sequence[float]) -> PairedTest:
+    """Compare paired samples: t-test over the differences, or the sign test when they do not spread."""
     if len(a) != len(b):
         raise ValueError(f"paired samples need equal lengths, got {len(a)} and {len(b)}")
     diffs = [x - y for x, y in zip(a, b)]
     n = len(diffs)
     if n < 2:
-        return math.nan, math.nan
+        return PairedTest(n=n, mean_gain=diffs[0] if diffs else math.nan, t=math.nan, p=math.nan, spread=True)
     mean = sum(diffs) / n
     var = sum((d - mean) ** 2 for d in diffs) / (n - 1)
     # Equal gains differ by the rounding of a - b, about 1e-16 of the values, not 0: that spread would make t
     # astronomically large rather than infinite. Below 1e-12 of the values' size the spread is no spread.
     scale = max(abs(x) for x in (*a, *b))
     if math.sqrt(var) <= 1e-12 * scale:
-        return (math.nan, math.nan) if abs(mean) <= 1e-12 * scale else (math.copysign(math.inf, mean), 0.0)
+        if abs(mean) <= 1e-12 * scale:  # every pair tied: no gain, no test can favour either side
+            return PairedTest(n=n, mean_gain=0.0, t=math.nan, p=1.0, spread=False)
+        return PairedTest(n=n, mean_gain=mean, t=math.copysign(math.inf, mean), p=sign_test_p(n, n), spread=False)
     t = mean / math.sqrt(var / n)
-    return t, student_t_two_sided_p(t, n - 1)
+    return PairedTest(n=n, mean_gain=mean, t=t, p=student_t_two_sided_p(t, n - 1), spread=True)
+
+
+def paired_t_test(a: Sequence[float], b: Sequence[float]) -> tuple[float, float]:
+    """(t, two-sided p) of `paired_test`: NaN under 2 pairs; without spread t is +-inf and p the sign test's."""
+    test = paired_test(a, b)
+    return test.t, test.p
+
+
+def sign_test_p(wins: int, n: int) -> float:
+    """Two-sided exact sign test: P(a split of n fair coin flips at least as uneven as wins : n - wins)."""
+    tail = min(wins, n - wins)
+    return min(1.0, 2 * sum(math.comb(n, k) for k in range(tail + 1)) / 2 ** n)
 
 
 def student_t_two_sided_p(t: float, df: int) -> float:
