@@ -121,6 +121,10 @@ def _leading_bos(tokenizer) -> list[int]:
     return [bos] if marked[:1] == [bos] and plain[:1] != [bos] else []
 
 
+#: the source a causal label's tokens are read after (`Backbone.label_token_ids`); every scored source is checked
+LABEL_REFERENCE = "x"
+
+
 def _prefix_free(rows: list[list[int]]) -> bool:
     """True when no token sequence is a proper prefix of another (sorted, a prefix sits right before an extension)."""
     seqs = sorted(set(map(tuple, rows)))
@@ -188,10 +192,25 @@ class Backbone:
     def _source_ids(self, sources: list[str]) -> list[list[int]]:
         """Seq2seq: the tokenizer's template (ends in EOS). Causal: the leading BOS if the tokenizer adds one, then
         the text. Longer sources keep their last tokens (and the BOS)."""
-        keep = self.config.max_source_tokens - len(self.bos_ids)
+        return [self._bounded(ids) for ids in self.tokenizer(list(sources), add_special_tokens=self.is_seq2seq)["input_ids"]]
+
+    def _bounded(self, ids: list[int]) -> list[int]:
+        """A source's tokens as the model reads them: its last max_source_tokens (with the BOS, if any)."""
+        return self.bos_ids + ids[-(self.config.max_source_tokens - len(self.bos_ids)):]
+
+    def _joint_split(self, sources: list[str], labels: list[str]) -> list[tuple[list[int], list[int]]]:
+        """Causal: every (source, label) pair, row-major, as the tokenizer reads the whole text `source + " " +
+        label`: the tokens it shares with the source alone, then the rest (the label as the text spells it). A
+        label tokenized alone can differ: SentencePiece tokenizers (Llama-2, Mistral) read " positive" as a lone
+        word-start mark plus "positive"."""
+        alone = self.tokenizer(list(sources), add_special_tokens=False)["input_ids"]
+        joint = self.tokenizer([s + " " + label for s in sources for label in labels],
+                               add_special_tokens=False)["input_ids"]
         out = []
-        for ids in self.tokenizer(list(sources), add_special_tokens=self.is_seq2seq)["input_ids"]:
-            out.append(self.bos_ids + ids[-keep:])
+        for i, ids in enumerate(joint):
+            src = alone[i // len(labels)]
+            k = next((j for j, (a, b) in enumerate(zip(src, ids)) if a != b), min(len(src), len(ids)))
+            out.append((ids[:k], ids[k:]))
         return out
 
     def _target_ids(self, targets: list[str], eos: bool) -> list[list[int]]:
@@ -205,17 +224,28 @@ class Backbone:
         return [row[: self.config.max_target_tokens] for row in ids]
 
     def label_token_ids(self, labels: list[str]) -> list[list[int]]:
-        """The tokens each label is scored on after a source (all length 1: the one-forward fast path).
+        """The tokens each label (stripped: it is scored as the text it is) is scored on after a source (all length
+        1: the one-forward fast path).
 
-        Causal labels end in EOS only when one label's tokens are a proper prefix of another's (see `label_scores`);
-        seq2seq labels always end in EOS (decoder targets).
+        Causal labels are their tokens in the joint tokenization of a source + " " + label (`_joint_split`, after
+        the reference source `LABEL_REFERENCE`); `label_scores` checks every scored source against that split. They
+        end in EOS only when one label's tokens are a proper prefix of another's (see `label_scores`); seq2seq labels
+        always end in EOS (decoder targets).
         """
-        ids = self._target_ids(list(labels), eos=False)
-        if self.is_seq2seq or _prefix_free(ids):
-            return ids
+        labels = [label.strip() for label in labels]
+        if self.is_seq2seq:
+            return self._target_ids(labels, eos=False)
+        ids, end = self._causal_labels(labels)
+        return [row + end for row in ids]
+
+    def _causal_labels(self, labels: list[str]) -> tuple[list[list[int]], list[int]]:
+        """Stripped labels' tokens after `LABEL_REFERENCE`, and the end marker the set needs ([EOS] or [])."""
+        ids = [label for _, label in self._joint_split([LABEL_REFERENCE], labels)]
+        if _prefix_free(ids):
+            return ids, []
         if self.eos_id is None:
             raise BackboneInputError(f"labels {labels} need an end marker (one begins another) but the tokenizer has no EOS")
-        return [row + [self.eos_id] for row in ids]
+        return ids, [self.eos_id]
 
     def _pad(self, rows: list[list[int]], left: bool = False) -> tuple[Tensor, Tensor]:
         width = max(len(r) for r in rows)
@@ -305,7 +335,11 @@ class Backbone:
 
     def _target_logprobs(self, prompt: Prompt, sources: list[str], target_ids: list[list[int]]) -> tuple[Tensor, Tensor]:
         """Per-token log-probabilities of the targets [N_tokens] and the row of each token [N_tokens]."""
-        source_ids = self._source_ids(sources)
+        return self._target_logprobs_ids(prompt, self._source_ids(sources), target_ids)
+
+    def _target_logprobs_ids(self, prompt: Prompt, source_ids: list[list[int]], target_ids: list[list[int]]
+                             ) -> tuple[Tensor, Tensor]:
+        """`_target_logprobs` of sources given as the token ids the model reads."""
         if self.is_seq2seq:
             return self._seq2seq_target_logprobs(prompt, source_ids, target_ids)
         ids, mask = self._pad([s + t for s, t in zip(source_ids, target_ids)])
@@ -382,6 +416,21 @@ class Backbone:
         label_ids = self.label_token_ids(labels)
         rows, n_labels = len(sources), len(labels)
         single = all(len(t) == 1 for t in label_ids)
+        if not self.is_seq2seq:
+            stripped = [label.strip() for label in labels]
+            pairs, (_, end) = self._joint_split(sources, stripped), self._causal_labels(stripped)
+            alone = self.tokenizer(list(sources), add_special_tokens=False)["input_ids"]
+            if any(src != alone[i // n_labels] or lab + end != label_ids[i % n_labels]
+                   for i, (src, lab) in enumerate(pairs)):
+                # a source whose text joins the label differently (a trailing space...): each pair as its text reads
+                each = torch.arange(rows, device=self.device).repeat_interleave(n_labels)
+                expanded = (prompt.select(each) if isinstance(prompt, PromptPrefix) and prompt.rows > 1
+                            else self._repeat_rows(prompt, rows, n_labels))
+                logp, row_of = self._target_logprobs_ids(
+                    expanded, [self._bounded(src) for src, _ in pairs],
+                    [lab + end for _, lab in pairs])
+                scores = torch.zeros(rows * n_labels, device=self.device, dtype=logp.dtype).index_add(0, row_of, logp)
+                return scores.view(rows, n_labels)
         if not self.is_seq2seq and (single or isinstance(prompt, PromptPrefix) or not self.recomputing):
             source_ids = self._source_ids(sources)
             ids, mask = self._pad(source_ids)
