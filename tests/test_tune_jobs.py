@@ -581,16 +581,119 @@ def test_a_trial_that_sees_another_store_fails_before_any_work(tiny_causal_path,
     assert not store.exists()  # the trial neither created the folder nor wrote into it
 
 
-def test_the_demo_verdict_prints_each_claim_with_the_figures_that_decide_it():
-    from tune_jobs.main_job import verdict
+def _permutation(p: float, least: float):
+    from tpv.vectors import PermutationTest
 
-    summary = {"same_task_cos": 0.06, "diff_task_cos": 0.01, "same_origin_cos": 0.08, "same_task_p": 0.5,
-               "same_task_p_least": 1 / 6, "tpv_zero_shot": 0.7, "random_zero_shot": 0.7, "target": "imdb",
-               "addition_retention": 0.912}
-    lines = verdict(summary)
-    assert lines[0] == ("DOES NOT HOLD: the task dominates the origin (flat cosine: same task 0.060 vs different task "
-                        "0.010 vs same origin 0.080; task-label permutation p 0.500, the least these vectors allow "
-                        "0.167)")
-    assert lines[1] == "HOLDS: the TPV init beats a random origin zero-shot on imdb (0.700 vs 0.700)"  # at or above
-    assert lines[2].startswith("addition keeps 91.2% of single-task performance")
-    assert verdict({**summary, "same_origin_cos": 0.0})[0].startswith("HOLDS: the task dominates the origin")
+    return PermutationTest(p=p, arrangements=round(1 / least), exact=True, smallest_p=least)
+
+
+def test_claim1_holds_only_when_the_permutation_test_is_significant_on_a_design_that_can_reach_alpha():
+    from tune_jobs.verdicts import claim1
+
+    held = claim1(0.062, -0.006, -0.001, _permutation(1 / 36, 1 / 36))
+    assert (held.verdict, held.p, held.least_p, held.alpha, held.reachable) == ("holds", 1 / 36, 1 / 36, 0.05, True)
+    assert held.line == ("HOLDS: the task dominates the origin (flat cosine: same task 0.062 vs different task -0.006 "
+                         "vs same origin -0.001; task-label permutation p 0.0278, the least these vectors allow "
+                         "0.0278; significant at alpha 0.05)")
+    # the old demo's 3 tasks x 2 origins: the best p it allows is 1/6, so it can never hold, and says so
+    small = claim1(0.062, -0.006, -0.001, _permutation(1 / 6, 1 / 6))
+    assert (small.verdict, small.reachable) == ("consistent, not significant", False)
+    assert small.line.endswith("not significant at alpha 0.05; it cannot reach alpha here: the least possible p is "
+                               "0.167)")
+    assert small.line.startswith("CONSISTENT, NOT SIGNIFICANT: the task dominates the origin")
+    # a design that could reach alpha but did not
+    assert claim1(0.062, -0.006, -0.001, _permutation(0.25, 1 / 36)).verdict == "consistent, not significant"
+    # a margin of 0.001 is a direction, not evidence
+    assert claim1(0.001, 0.0, 0.0, _permutation(0.5, 1 / 36)).verdict == "consistent, not significant"
+    # the direction fails (same origin above same task): significance of the same-task mean cannot rescue it
+    against = claim1(0.06, 0.01, 0.08, _permutation(1 / 36, 1 / 36))
+    assert against.verdict == "does not hold" and against.line.startswith("DOES NOT HOLD: the task dominates")
+    assert claim1(0.05, 0.05, 0.0, _permutation(1 / 36, 1 / 36)).verdict == "does not hold"  # a tie is no dominance
+    untested = claim1(0.1, 0.0, 0.0, None)  # no two vectors share a task across origins
+    assert untested.verdict == "consistent, not significant" and "no test is possible" in untested.line
+    assert claim1(0.062, -0.006, -0.001, _permutation(0.02, 1 / 36), alpha=0.01).verdict == (
+        "consistent, not significant")
+
+
+def test_claim2_is_a_strict_paired_test_over_target_origins():
+    from tune_jobs.stats import paired_test
+    from tune_jobs.verdicts import claim2
+
+    tpv, random = [0.78, 0.74, 0.80], [0.58, 0.55, 0.61]
+    held = claim2(tpv, random, "amazon")
+    p = paired_test(tpv, random).p
+    assert (held.verdict, held.p) == ("holds", p) and p < 0.05
+    assert held.line == ("HOLDS: the TPV init beats a random origin zero-shot on amazon (mean over 3 target origins "
+                         f"0.773 vs 0.580, gain +0.193; paired t-test p {p:.3g}; significant at alpha 0.05)")
+    noisy = claim2([0.78, 0.60, 0.80], [0.58, 0.65, 0.61], "amazon")  # one origin the other way: t-test p 0.3
+    assert (noisy.verdict, noisy.reachable) == ("consistent, not significant", True)
+    tie = claim2([0.7, 0.7, 0.7], [0.7, 0.7, 0.7], "amazon")  # a tie is not a win
+    assert (tie.verdict, tie.p) == ("does not hold", 1.0)
+    worse = claim2([0.5, 0.55, 0.52], [0.7, 0.72, 0.71], "amazon")
+    assert worse.verdict == "does not hold" and worse.p < 0.05  # significant, the wrong way
+    # one sentence of 100 better on every origin: no spread, the sign test's p 0.25 decides, and 3 origins cannot
+    # reach 0.05 that way
+    even = claim2([0.71, 0.71, 0.71], [0.70, 0.70, 0.70], "amazon")
+    assert (even.verdict, even.p, even.least_p) == ("consistent, not significant", 0.25, 0.25)
+    assert "sign test (no spread) p 0.25" in even.line and "the least possible p is 0.25" in even.line
+    one = claim2([0.9], [0.5], "imdb")  # one target origin: no test at all
+    assert one.verdict == "consistent, not significant" and one.line.endswith("no test is possible on this design)")
+
+
+def test_the_demo_verdict_prints_each_claim_then_the_addition_and_flags_selection_data():
+    from tune_jobs.main_job import claim_fields, verdict
+    from tune_jobs.verdicts import claim1, claim2
+
+    claims = [claim1(0.062, -0.006, -0.001, _permutation(1 / 36, 1 / 36)),
+              claim2([0.71, 0.71, 0.71], [0.70, 0.70, 0.70], "amazon")]
+    summary = {"addition_retention": 0.912, "selection_overlap_text": None}
+    lines = verdict(summary, claims)
+    assert lines[:2] == [c.line for c in claims] and lines[2].startswith("addition keeps 91.2% of single-task")
+    assert len(lines) == 3
+    flagged = verdict({**summary, "selection_overlap_text": "origin seeds 0 (used by recipe selection x)"}, claims)
+    assert flagged[2] == ("FLAGGED: origin seeds 0 (used by recipe selection x): these verdicts are not on held-out "
+                          "data")
+    assert claim_fields(claims) == {"alpha": 0.05, "claim1_verdict": "holds", "claim1_p": 1 / 36,
+                                    "claim1_p_least": 1 / 36, "claim2_verdict": "consistent, not significant",
+                                    "claim2_p": 0.25, "claim2_p_least": 0.25}
+
+
+def test_the_demo_design_is_held_out_from_every_recipe_selection_and_can_reach_significance():
+    """Its tasks, origins, target origins and target share nothing with the studies that chose the recipe, and
+    3 tasks x 3 origins allow p 1/36."""
+    import math
+
+    from tune_jobs.main_job import DEMO_SEEDS, DEMO_TARGET, DEMO_TASKS, TRANSFER
+    from tune_jobs.selections import SELECTIONS, selection_overlap
+
+    (target,) = DEMO_TARGET
+    overlap = selection_overlap(DEMO_TASKS, [*DEMO_SEEDS, *TRANSFER["seeds"]], target)
+    assert overlap.empty and overlap.selections == []
+    used = {t for s in SELECTIONS for t in s.data} | {o for s in SELECTIONS for o in s.origins}
+    assert used == {"rotten_tomatoes", "trec", "imdb", 0, 1, 100, 101}  # docs/RESULTS.md §1's every study
+    assert not used & {*DEMO_TASKS, target, *DEMO_SEEDS, *TRANSFER["seeds"]}
+    least = 1 / math.factorial(len(DEMO_TASKS)) ** (len(DEMO_SEEDS) - 1)
+    assert least == 1 / 36 and least < 0.05
+    assert len(TRANSFER["seeds"]) >= 3 and not set(TRANSFER["seeds"]) & set(DEMO_SEEDS)
+
+
+def test_selection_data_is_refused_by_the_demo_and_flagged_by_the_other_jobs(capsys):
+    """Tasks sharing a source file count as used (rotten_tomatoes_5 is rotten_tomatoes' file), as do target
+    origins; the demo refuses before any work, the others warn on stderr."""
+    from tune_jobs.main_job import main
+    from tune_jobs.selections import SelectionDataError, held_out, selection_overlap
+
+    overlap = selection_overlap(["rotten_tomatoes_5", "tweets", "trec_fine"], [2, 101], "imdb")
+    assert (overlap.tasks, overlap.origin_seeds, overlap.target) == (["rotten_tomatoes_5", "trec_fine"], [101],
+                                                                      ["imdb"])
+    assert "recipes-shape" in overlap.selections and "recipes-gemma" in overlap.selections
+    assert selection_overlap(["tweets", "sms_spam"], [2], "amazon").empty
+    with pytest.raises(SelectionDataError, match="origin seeds 1"):
+        main(["--tasks", "tweets", "yelp", "--seeds", "1", "2", "--target", "amazon", "--sources", "tweets"])
+    with pytest.raises(SelectionDataError, match="target imdb"):
+        main(["--target", "imdb", "--sources", "tweets"])
+    assert held_out("tpv transfer", origin_seeds=[100], target="yelp").origin_seeds == [100]
+    err = capsys.readouterr().err
+    assert err.startswith("WARNING tpv transfer: origin seeds 100 (used by recipe selection recipes60")
+    assert held_out("tpv transfer", origin_seeds=[20], target="amazon").empty
+    assert capsys.readouterr().err == ""
