@@ -19,8 +19,6 @@ from typing import Any
 
 from fastapi import Depends, FastAPI, Query
 from ray import serve
-from ray.exceptions import RayActorError
-from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
 
 from serve import auth, errors, guards, metrics, openai_api, playground, similarity
@@ -30,6 +28,7 @@ from serve.inputs import pick_template, render
 from serve.jobs import GenerateJob, ScoreJob
 from serve.limits import check_labels, check_request
 from serve.model import TPVModel
+from serve.parsing import RouteShapes
 from serve.schemas import (
     ClassifyRequest,
     ClassifyResponse,
@@ -52,9 +51,6 @@ from tpv.tasks.registry import UnknownTaskError
 
 logger = logging.getLogger("ray.serve")
 
-#: what a dead or unreachable model replica raises through the handle: the request is re-sent
-RETRYABLE = (RayActorError, ReplicaUnavailableError, DeploymentUnavailableError, BackPressureError)
-
 api = FastAPI(
     title="tpv: composed task prompt vectors on one frozen model",
     version="0.2.0",
@@ -66,7 +62,10 @@ api = FastAPI(
     ),
 )
 errors.install(api)
-api.add_middleware(guards.BodyGuard)
+#: what each route takes, checked strictly before FastAPI reads the request (`serve.parsing`)
+SHAPES = RouteShapes({"/v1/classify": ClassifyRequest, "/v1/generate": GenerateRequest, **openai_api.BODIES},
+                     {"/v1/vectors": frozenset({"task"})})
+api.add_middleware(guards.BodyGuard, shapes=SHAPES)
 api.add_middleware(guards.KeyGuard)  # added after BodyGuard: runs first, so no body is read without a key
 api.add_middleware(openai_api.OpenAIErrors)  # re-shapes the errors of the OpenAI routes, the guards' included
 api.add_middleware(metrics.RequestMetrics, router=api.router)  # outermost: guarded refusals are counted too
@@ -129,7 +128,8 @@ class TPVIngress(openai_api.OpenAIRoutes):
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         self.settings = IngressSettings.model_validate(user_config or {})
-        guards.configure(self.settings.limits.max_body_bytes, self.settings.body_read_timeout_s)
+        s = self.settings
+        guards.configure(s.limits.max_body_bytes, s.body_read_timeout_s, s.slow_body_after_s, s.slow_body_slots)
         auth.configure(self.settings.auth)
 
     async def _call(self, method: str, *args, timeout_s: float | None = None, stream: bool = False):
@@ -147,7 +147,7 @@ class TPVIngress(openai_api.OpenAIRoutes):
             except asyncio.TimeoutError:
                 response.cancel()
                 raise errors.RequestTimeout(f"the model did not answer within {budget:g} s") from None
-            except RETRYABLE as exc:
+            except errors.LOST_REPLICA as exc:  # a dead or unreachable replica: re-sent
                 logger.warning("tpv: model call %s lost (%s), attempt %d", method, type(exc).__name__, attempt + 1)
                 self.resent += 1
                 wait = min(s.retry_backoff_s * 2**attempt, deadline - time.monotonic())

@@ -87,6 +87,16 @@ class Principal:
         tasks |= {t.task for t in composition.terms if t.task is not None}
         self.allow(tasks, set(), any(t.vector_id is not None for t in composition.terms))
 
+    def allow_model(self, name: str, as_task: bool | None = None) -> None:
+        """An OpenAI `model` id: allowed when the key may use it as a task or as a composition (`as_task` None:
+        either, before the store is asked), one wording either way so the answer does not say which it is."""
+        if self.key is None:
+            return
+        task_ok = self.key.tasks is None or name in self.key.tasks
+        comp_ok = self.key.compositions is None or name in self.key.compositions
+        if not {None: task_ok or comp_ok, True: task_ok, False: comp_ok}[as_task]:
+            raise Forbidden(f"this API key may not use the model {name!r}")
+
     def visible(self, task: str) -> bool:
         return self.key is None or self.key.tasks is None or task in self.key.tasks
 

@@ -13,7 +13,8 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
-from ray.exceptions import RayTaskError
+from ray.exceptions import RayActorError, RayTaskError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serve.auth import Forbidden, Unauthorized
@@ -31,6 +32,28 @@ class BodyTimeout(InvalidInput):
     """The client did not send its whole body within `body_read_timeout_s`."""
 
 
+class SlowBodyRefused(BodyTimeout):
+    """A body still arriving after `slow_body_after_s` while every slow-body slot is taken: cut off at once, so
+    slow clients cannot hold the ingress's request slots for the whole body timeout."""
+
+
+class MalformedBody(InvalidInput):
+    """The body is not JSON."""
+
+
+class FieldErrors(InvalidInput):
+    """An invalid request that names the fields at fault: the first `MAX_ERRORS` of them, and how many more."""
+
+    def __init__(self, detail: str, errors: list[dict], total: int | None = None) -> None:
+        super().__init__(detail)
+        self.errors = errors[:MAX_ERRORS]
+        self.more = (len(errors) if total is None else total) - len(self.errors)
+
+
+class InvalidRequest(FieldErrors):
+    """The body or query string does not fit the route's schema (strict types, no unknown names)."""
+
+
 class RequestTimeout(Unavailable):
     """The model did not answer within `request_timeout_s`."""
 
@@ -39,12 +62,21 @@ class ModelUnavailable(Unavailable):
     """No model replica could take the request (all retries spent)."""
 
 
+MAX_ERRORS = 20  # field errors listed in one answer; the rest are counted
+
+#: what a lost model replica raises through a handle, also mid-stream (ActorDiedError and ActorUnavailableError are RayActorErrors): a retry may well succeed
+LOST_REPLICA = (RayActorError, ReplicaUnavailableError, DeploymentUnavailableError,
+                BackPressureError)
+
 #: the one mapping, most specific first; anything else is a 500 `internal_error`
 STATUS: dict[type[BaseException], tuple[int, str]] = {
     BodyTooLarge: (413, "body_too_large"),
     BodyTimeout: (408, "body_timeout"),
     RequestTimeout: (504, "timeout"),
     ModelUnavailable: (503, "model_unavailable"),
+    **{klass: (503, "unavailable") for klass in LOST_REPLICA},
+    MalformedBody: (400, "malformed_json"),
+    InvalidRequest: (422, "invalid_request"),
     Unauthorized: (401, "unauthorized"),
     Forbidden: (403, "forbidden"),
     InvalidInput: (422, "invalid_input"),
@@ -80,8 +112,9 @@ def redact(text: str) -> str:
 
 
 def error_response(status: int, kind: str, detail: str, errors: list | None = None,
-                   headers: dict[str, str] | None = None) -> JSONResponse:
-    body = ErrorResponse(error=kind, detail=redact(detail), errors=errors).model_dump(exclude_none=True)
+                   headers: dict[str, str] | None = None, more: int = 0) -> JSONResponse:
+    body = ErrorResponse(error=kind, detail=redact(detail), errors=errors,
+                         more_errors=more or None).model_dump(exclude_none=True)
     return JSONResponse(status_code=status, content=body, headers=headers)
 
 
@@ -94,22 +127,24 @@ def exception_response(exc: BaseException) -> JSONResponse:
     headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
     if status == 503:
         headers = {"Retry-After": "1"}
+    if isinstance(exc, FieldErrors):
+        return error_response(status, kind, detail, exc.errors or None, headers, exc.more)
     return error_response(status, kind, detail, headers=headers)
 
 
-def _plain_errors(errors: list[dict]) -> list[dict]:
-    """Pydantic errors as JSON-safe dicts (inputs dropped: they may be huge or non-finite)."""
+def plain_errors(errors: list[dict], prefix: tuple[str, ...] = ()) -> list[dict]:
+    """The first MAX_ERRORS pydantic errors as JSON-safe dicts (inputs dropped: they may be huge or non-finite)."""
     out = []
-    for e in errors:
-        loc = [str(p) for p in e.get("loc", ())]
+    for e in errors[:MAX_ERRORS]:
+        loc = [*prefix, *(str(p) for p in e.get("loc", ()))]
         out.append({"loc": loc, "msg": redact(str(e.get("msg", "")).removeprefix("Value error, ")),
                     "type": str(e.get("type", ""))})
     return out
 
 
-def _summary(errors: list[dict], limit: int = 6) -> str:
+def summary(errors: list[dict], total: int, limit: int = 6) -> str:
     parts = [f"{'.'.join(e['loc']) or 'body'}: {e['msg']}" for e in errors[:limit]]
-    more = f" (+{len(errors) - limit} more)" if len(errors) > limit else ""
+    more = f" (+{total - limit} more)" if total > limit else ""
     return "; ".join(parts) + more
 
 
@@ -118,16 +153,16 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = _plain_errors(list(exc.errors()))
+        raw = list(exc.errors())
+        errors = plain_errors(raw)
         if any(e["type"] == "json_invalid" for e in errors):
-            return error_response(400, "malformed_json", "the request body is not valid JSON: " + _summary(errors),
-                                  errors)
-        return error_response(422, "invalid_request", _summary(errors), errors)
+            return exception_response(MalformedBody("the request body is not valid JSON: " + summary(errors, len(raw))))
+        return exception_response(InvalidRequest(summary(errors, len(raw)), errors, len(raw)))
 
     @app.exception_handler(ValidationError)
     async def _pydantic(request: Request, exc: ValidationError) -> JSONResponse:
-        errors = _plain_errors(exc.errors())
-        return error_response(422, "invalid_request", _summary(errors), errors)
+        errors = plain_errors(exc.errors(include_url=False))
+        return exception_response(InvalidRequest(summary(errors, exc.error_count()), errors, exc.error_count()))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -1,9 +1,13 @@
 """What happens before the app reads a request: the API key is checked, then the body is read under bounds.
 
 ASGI middlewares, so they act before FastAPI touches the body. `KeyGuard` refuses a missing or wrong key (401)
-without reading a byte of the body. `BodyGuard` sees the body as it arrives (Serve streams it from the proxy):
-a chunked body with no Content-Length is cut off at `max_body_bytes` (413) and a client that drips its body is
-cut off after `body_read_timeout_s` (408), freeing its slot. The body is then handed to the app in one piece.
+without reading a byte of the body, and a request with more than one Authorization header (400). `BodyGuard`
+sees the body as it arrives (Serve streams it from the proxy): a chunked body with no Content-Length is cut off at
+`max_body_bytes` (413), and a client that drips its body is cut off after `body_read_timeout_s` (408). A body
+still arriving after `slow_body_after_s` needs one of `slow_body_slots` slots, else it is cut off at once (408):
+fewer slots than the ingress's `max_ongoing_requests`, so slow clients can never hold every request slot and a
+new request waits at most `slow_body_after_s` for one. The body is then checked against its route
+(`serve.parsing`) and handed to the app in one piece. HEAD is answered as GET without the body.
 """
 
 from __future__ import annotations
@@ -15,56 +19,98 @@ from dataclasses import dataclass
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serve import auth
-from serve.errors import BodyTimeout, BodyTooLarge, error_response, exception_response
+from serve.errors import BodyTimeout, BodyTooLarge, SlowBodyRefused, error_response, exception_response
+from serve.parsing import RouteShapes
 from serve.playground import PAGE_PATHS
+from tpv.errors import TpvError
 
 
 @dataclass
 class BodyLimits:
     max_bytes: int = 2_000_000
     timeout_s: float = 10.0
+    slow_after_s: float = 0.5
+    slow_slots: int = 64
+    slow_in_use: int = 0  # bodies past slow_after_s being read now (one event loop: no lock needed)
 
 
 # One per process: the deployment's reconfigure() sets it, the middleware (built by FastAPI) reads it.
 LIMITS = BodyLimits()
 
 
-def configure(max_bytes: int, timeout_s: float) -> None:
+def configure(max_bytes: int, timeout_s: float, slow_after_s: float, slow_slots: int) -> None:
     LIMITS.max_bytes, LIMITS.timeout_s = max_bytes, timeout_s
+    LIMITS.slow_after_s, LIMITS.slow_slots = slow_after_s, slow_slots
 
 
 async def read_body(receive: Receive, limits: BodyLimits) -> bytes:
-    """The whole body, or BodyTooLarge / BodyTimeout; an early client disconnect ends it as read so far."""
-    deadline = time.monotonic() + limits.timeout_s
+    """The whole body, or BodyTooLarge / BodyTimeout (SlowBodyRefused when no slow-body slot is free); an early
+    client disconnect ends it as read so far."""
+    start = time.monotonic()
+    deadline = start + limits.timeout_s
+    slow = False
     parts: list[bytes] = []
     size = 0
-    while True:
-        left = deadline - time.monotonic()
-        try:
-            message = await asyncio.wait_for(receive(), timeout=max(left, 0.0))
-        except asyncio.TimeoutError:
-            raise BodyTimeout(f"the request body was not received within {limits.timeout_s:g} s") from None
-        if message["type"] != "http.request":
-            return b"".join(parts)
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limits.max_bytes:
-            raise BodyTooLarge(f"the body is over the limit of {limits.max_bytes} bytes")
-        parts.append(chunk)
-        if not message.get("more_body", False):
-            return b"".join(parts)
+    pending: asyncio.Future | None = None  # one receive() at a time, never cancelled mid-message by a timeout
+    try:
+        while True:
+            if not slow and time.monotonic() - start >= limits.slow_after_s:
+                if limits.slow_in_use >= limits.slow_slots:
+                    raise SlowBodyRefused(f"the body was still arriving after {limits.slow_after_s:g} s and every "
+                                          f"slow-body slot is taken; send it faster or retry later")
+                slow = True
+                limits.slow_in_use += 1
+            until = deadline if slow else min(deadline, start + limits.slow_after_s)
+            pending = pending or asyncio.ensure_future(receive())
+            done, _ = await asyncio.wait({pending}, timeout=max(until - time.monotonic(), 0.0))
+            if not done:
+                if slow or time.monotonic() >= deadline:
+                    raise BodyTimeout(f"the request body was not received within {limits.timeout_s:g} s")
+                continue
+            message, pending = pending.result(), None
+            if message["type"] != "http.request":
+                return b"".join(parts)
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limits.max_bytes:
+                raise BodyTooLarge(f"the body is over the limit of {limits.max_bytes} bytes")
+            parts.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(parts)
+    finally:
+        if pending is not None:
+            pending.cancel()
+        if slow:
+            limits.slow_in_use -= 1
+
+
+def _without_body(send: Send) -> Send:
+    """`send` for a HEAD request: the GET answer's status and headers (its length included), no body bytes."""
+
+    async def head(message: Message) -> None:
+        if message["type"] == "http.response.body":
+            if message.get("more_body", False):
+                return
+            message = {**message, "body": b""}
+        await send(message)
+
+    return head
 
 
 class BodyGuard:
-    """ASGI middleware applying `LIMITS` to every HTTP request before the app sees it."""
+    """ASGI middleware applying `LIMITS`, then the route's `RouteShapes`, to every HTTP request before the app
+    sees it."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, shapes: RouteShapes) -> None:
         self.app = app
+        self.shapes = shapes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        if scope["method"] == "HEAD":
+            scope, send = {**scope, "method": "GET"}, _without_body(send)
         length = dict(scope.get("headers") or []).get(b"content-length")
         if length is not None:
             if not length.isdigit():
@@ -74,9 +120,11 @@ class BodyGuard:
                 exc = BodyTooLarge(f"the body is {int(length)} bytes; the limit is {LIMITS.max_bytes}")
                 await exception_response(exc)(scope, receive, send)
                 return
+        path = scope["path"].removeprefix(scope.get("root_path", "")) or "/"
         try:
             body = await read_body(receive, LIMITS)
-        except (BodyTooLarge, BodyTimeout) as exc:
+            await self.shapes.check(scope["method"], path, scope.get("query_string", b""), body)
+        except TpvError as exc:
             await exception_response(exc)(scope, receive, send)
             return
         delivered = False
@@ -109,6 +157,9 @@ class KeyGuard:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and sum(k == b"authorization" for k, _ in scope.get("headers") or []) > 1:
+            await error_response(400, "bad_header", "send one Authorization header, not several")(scope, receive, send)
+            return
         if scope["type"] == "http" and not auth.KEYRING.open:
             path = scope["path"].removeprefix(scope.get("root_path", "")) or "/"
             if path not in OPEN_PATHS:

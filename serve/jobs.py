@@ -36,6 +36,7 @@ class GenerateJob:
     params: SamplingParams
     n: int = 1  # choices per source: rows source_0 x n, source_1 x n, ... (the OpenAI API's choice order)
     conversations: list[list[dict[str, str]]] = field(default_factory=list)  # [{role, content}]: the chat template
+    source_field: str = "inputs"  # what the client calls its texts (inputs, prompt, messages): named in limit errors
 
 
 @dataclass(frozen=True)

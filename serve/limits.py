@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from serve.errors import FieldErrors
 from serve.schemas import ClassifyRequest, GenerateRequest, InlineComposition
 from serve.settings import RequestLimits
-from tpv.errors import InvalidInput
 
 
-class LimitExceeded(InvalidInput):
-    """A request over one of the configured limits."""
+class LimitExceeded(FieldErrors):
+    """A request over one of the configured limits; `field` (the top-level request field) is named in `errors`,
+    so an OpenAI client reads it as the error's `param`."""
+
+    def __init__(self, detail: str, field: str | None = None) -> None:
+        super().__init__(detail, [{"loc": ["body", field], "msg": detail, "type": "limit_exceeded"}] if field else [])
 
 
 def check_composition(ref: InlineComposition | str, limits: RequestLimits) -> None:
@@ -25,11 +29,11 @@ def check_composition(ref: InlineComposition | str, limits: RequestLimits) -> No
 
 def check_request(req: ClassifyRequest | GenerateRequest, limits: RequestLimits) -> None:
     if len(req.inputs) > limits.max_inputs:
-        raise LimitExceeded(f"{len(req.inputs)} inputs; the limit is {limits.max_inputs}")
+        raise LimitExceeded(f"{len(req.inputs)} inputs; the limit is {limits.max_inputs}", "inputs")
     check_composition(req.composition, limits)
     max_new = req.max_new_tokens if isinstance(req, GenerateRequest) else None
     if max_new is not None and max_new > limits.max_new_tokens:
-        raise LimitExceeded(f"max_new_tokens {max_new} is over the limit {limits.max_new_tokens}")
+        raise LimitExceeded(f"max_new_tokens {max_new} is over the limit {limits.max_new_tokens}", "max_new_tokens")
 
 
 def check_labels(labels: list[str], limits: RequestLimits) -> None:

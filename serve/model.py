@@ -120,7 +120,11 @@ class TPVModel:
         server, settings = self._ready()
         bb = server.backbone.backbone_id
         if isinstance(ref, ModelName):
-            ref = self._model_name(ref)
+            try:
+                return self._spec(self._model_name(ref))
+            except NotFoundError:  # neither a stored composition nor a task with vectors
+                raise NotFound(f"the model {ref.name!r} does not exist: it is neither a stored composition nor a "
+                               f"task with vectors for backbone {bb!r} (see /v1/models)") from None
         if isinstance(ref, str):
             try:
                 return server.named(ref)
@@ -135,22 +139,22 @@ class TPVModel:
             raise LimitExceeded(f"prompt_length {length} is over the limit {settings.max_prompt_length}")
         return body.applied(bb, ref.origin_seed, length)
 
-    def _check_tokens(self, sources: list[str]) -> list[int]:
-        """Each source's token count (LimitExceeded over `max_input_tokens`)."""
+    def _check_tokens(self, sources: list[str], field: str) -> list[int]:
+        """Each source's token count (LimitExceeded over `max_input_tokens`, naming the request's `field`)."""
         server, settings = self._ready()
         tok = server.backbone.tokenizer
         lengths = [len(ids) for ids in tok(sources, add_special_tokens=server.backbone.is_seq2seq)["input_ids"]]
         for i, n in enumerate(lengths):
             if n > settings.max_input_tokens:
-                raise LimitExceeded(f"inputs[{i}] is {n} tokens with the template; the limit is "
-                                    f"{settings.max_input_tokens}")
+                raise LimitExceeded(f"{field}[{i}] is {n} tokens with the template; the limit is "
+                                    f"{settings.max_input_tokens}", field)
         return lengths
 
-    def _prepare(self, ref: InlineComposition | str | ModelName,
-                 sources: list[str]) -> tuple[CompositionSpec, PromptEntry, list[int]]:
+    def _prepare(self, ref: InlineComposition | str | ModelName, sources: list[str],
+                 field: str = "inputs") -> tuple[CompositionSpec, PromptEntry, list[int]]:
         """The spec, its cached prompt entry, and each source's token count (limits checked)."""
         spec = self._spec(ref)
-        lengths = self._check_tokens(sources)
+        lengths = self._check_tokens(sources, field)
         return spec, self._ready()[0].entry(spec), lengths
 
     def _chunks(self, item_type, entry: PromptEntry, sources: list[str], *extra) -> list:
@@ -160,17 +164,17 @@ class TPVModel:
     # ---- generation: model names, chat templates, rows (worker thread) ----------------------------------------------
 
     def _model_name(self, ref: ModelName) -> InlineComposition | str:
-        """A stored composition of that name, else the task's vectors; the caller's key must allow what it is."""
+        """A stored composition of that name, else the task's vectors, resolved as the native routes resolve them
+        (a corrupt entry is a 500 there and here). The scope check comes first and says the same whatever the
+        name is, so a scoped key learns nothing about what is stored."""
         server, _ = self._ready()
+        ref.caller.allow_model(ref.name)
         try:
             server.named(ref.name)
         except NotFoundError:
-            ref.caller.allow({ref.name}, set(), False)
-            if not any(m.task == ref.name and m.kind == "task" for m in server.metas()):
-                raise NotFound(f"the model {ref.name!r} does not exist: it is neither a stored composition nor a task "
-                               f"with vectors for backbone {server.backbone.backbone_id!r} (see /v1/models)") from None
+            ref.caller.allow_model(ref.name, as_task=True)
             return InlineComposition(terms=[{"task": ref.name}])
-        ref.caller.allow(set(), {ref.name}, False)
+        ref.caller.allow_model(ref.name, as_task=False)
         return ref.name
 
     def _chat_texts(self, conversations: list[list[dict[str, str]]]) -> list[str]:
@@ -198,7 +202,7 @@ class TPVModel:
         """The job's spec, its rows (each source n times, seeds spread over the choices) in chunks of at most
         `max_batch_size` rows, and each source's token count."""
         sources = self._chat_texts(job.conversations) if job.conversations else job.sources
-        spec, entry, prompt_tokens = self._prepare(job.composition, sources)
+        spec, entry, prompt_tokens = self._prepare(job.composition, sources, job.source_field)
         settings = self._ready()[1]
         seed = job.params.seed
         params = [job.params if seed is None else job.params.model_copy(update={"seed": seed + k})
@@ -328,7 +332,8 @@ class TPVModel:
 
     def _listing(self) -> tuple[str, list[VectorMeta], list[str]]:
         server, _ = self._ready()
-        return server.version(), server.metas(), server.store.list_compositions(server.backbone.backbone_id)
+        # forced: a listing is rare and must show what requests are served from (no stale poll after a restore)
+        return server.version(force=True), server.metas(), server.store.list_compositions(server.backbone.backbone_id)
 
     async def vectors(self) -> dict[str, Any]:
         """The served backbone's vectors and named compositions (metadata only)."""

@@ -48,6 +48,7 @@ from serve.openai_schemas import (
 from tpv.generate import Delta, Transcript
 
 OPENAI_PATHS = frozenset({"/v1/models", "/v1/completions", "/v1/chat/completions"})
+BODIES = {"/v1/completions": CompletionRequest, "/v1/chat/completions": ChatCompletionRequest}
 COMPLETION_DEFAULT_TOKENS = 16  # the OpenAI API's default for /v1/completions
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
           404: "not_found_error", 405: "invalid_request_error", 408: "invalid_request_error",
@@ -156,19 +157,22 @@ class OpenAIRoutes:
              max_tokens: int) -> GenerateJob:
         """The same checks as the native routes (key scope, limits), then the model deployment's job."""
         limits = self.settings.limits
+        field = "messages" if conversations else "prompt"  # what the client calls the texts: the error's param
         inputs = len(sources) + len(conversations)
         if inputs * req.n > limits.max_inputs:
             raise LimitExceeded(f"{inputs} prompt(s) x n={req.n} is {inputs * req.n} completions; the limit is "
-                                f"{limits.max_inputs}")
+                                f"{limits.max_inputs}", field)
         if max_tokens > limits.max_new_tokens:
-            raise LimitExceeded(f"max_tokens {max_tokens} is over the limit {limits.max_new_tokens}")
+            raise LimitExceeded(f"max_tokens {max_tokens} is over the limit {limits.max_new_tokens}", "max_tokens")
         for i, text in enumerate(sources):
             if len(text) > limits.max_input_chars:
-                raise LimitExceeded(f"prompt[{i}] is {len(text)} characters; the limit is {limits.max_input_chars}")
+                raise LimitExceeded(f"prompt[{i}] is {len(text)} characters; the limit is {limits.max_input_chars}",
+                                    field)
         for conversation in conversations:
             size = sum(len(m["content"]) for m in conversation)
             if size > limits.max_input_chars:
-                raise LimitExceeded(f"the messages are {size} characters; the limit is {limits.max_input_chars}")
+                raise LimitExceeded(f"the messages are {size} characters; the limit is {limits.max_input_chars}",
+                                    field)
         if req.composition is not None:
             who.allow_composition(req.composition)
             check_composition(req.composition, limits)
@@ -176,7 +180,7 @@ class OpenAIRoutes:
         else:
             ref = ModelName(req.model, who)
         metrics.note_composition(req.composition if req.composition is not None else req.model)
-        return GenerateJob(ref, sources, req.sampling(max_tokens), req.n, conversations)
+        return GenerateJob(ref, sources, req.sampling(max_tokens), req.n, conversations, field)
 
     async def _stream(self, job: GenerateJob, req: SamplingFields, chunk: Callable[[list[Delta]], BaseModel],
                       opening: BaseModel | None, final: Callable[[Usage], BaseModel]) -> StreamingResponse:

@@ -249,7 +249,8 @@ class ErrorResponse(BaseModel):
 
     error: str
     detail: str
-    errors: list[dict[str, Any]] | None = None
+    errors: list[dict[str, Any]] | None = Field(None, description="the fields at fault (at most 20)")
+    more_errors: int | None = Field(None, description="field errors found beyond those listed")
 
 
 # ---- the playground's heatmap -------------------------------------------------------------------------------------
