@@ -392,7 +392,10 @@ def test_addition_job_tables_plot_and_weight_search(swept, tiny_causal_path, tmp
 def test_study_scores_every_recipe_and_length(swept, tiny_causal_path, tasks, tmp_path):
     from tpv.vectors import mean_row_share
     from tune_jobs.locations import Locations
-    from tune_jobs.study import StudyConfig, rank_key, run_study
+    import math
+
+    from tune_jobs.selections import Selection
+    from tune_jobs.study import StudyConfig, claims, rank_key, run_study
 
     config = StudyConfig(
         name="tiny-study", tasks=["imdb", "trec"], seeds=[0, 1], target="yelp", target_seeds=[100],
@@ -422,7 +425,25 @@ def test_study_scores_every_recipe_and_length(swept, tiny_causal_path, tasks, tm
     # a longer run moved further from its origin than its 4-step snapshot (same recipe)
     norms = {(r["recipe"], r["steps"]): r["tau_norm"] for r in result["rows"]}
     assert norms[("lr=0.3", 8)] > norms[("lr=0.3", 4)]
-    assert "winner:" in Path(result["paths"]["markdown"]).read_text()
+    md = Path(result["paths"]["markdown"]).read_text()
+    assert "winner:" in md
+    # the winner's claims judged as every job judges them: 2 tasks x 2 origins cannot reach alpha 0.05 (p >= 1/2)
+    verdicts = claims(result["rows"][0], config)
+    assert [f"- {c.line}" in md for c in verdicts] == [True, True]
+    assert verdicts[0].least_p == 0.5 and verdicts[0].verdict != "holds" and "cannot reach alpha" in verdicts[0].line
+    assert math.isnan(verdicts[1].p) and "no test is possible" in verdicts[1].line  # one target origin: no test
+    # what it selected on, in the registry's schema, beside its table
+    recorded = Selection.model_validate_json(Path(result["paths"]["selection"]).read_text())
+    assert recorded == Selection(name="tiny-study", backbone=str(tiny_causal_path), tasks=["imdb", "trec"],
+                                 seeds=[0, 1], target="yelp", target_sources=["imdb", "trec"], target_seeds=[100])
+
+
+def test_the_study_ranks_a_zero_shot_tie_as_not_showing_claim_2():
+    from tune_jobs.study import rank_key
+
+    row = {"gap": 0.05, "zero_shot_gain": 0.0, "val": 0.8}
+    assert rank_key(row)[0] is False and rank_key({**row, "zero_shot_gain": 0.01})[0] is True
+    assert rank_key({**row, "gap": 0.0, "zero_shot_gain": 0.01})[0] is False
 
 
 def test_study_recipes_from_a_grid_and_by_name():
@@ -615,37 +636,43 @@ def test_claim1_holds_only_when_the_permutation_test_is_significant_on_a_design_
         "consistent, not significant")
 
 
-def test_claim2_is_a_strict_paired_test_over_target_origins():
+def _claim2(tpv: list[float], random: list[float], target: str):
     from tune_jobs.stats import paired_test
     from tune_jobs.verdicts import claim2
 
+    return claim2(paired_test(tpv, random), sum(random) / len(random), target)
+
+
+def test_claim2_is_a_strict_paired_test_over_target_origins():
+    from tune_jobs.stats import paired_test
+
     tpv, random = [0.78, 0.74, 0.80], [0.58, 0.55, 0.61]
-    held = claim2(tpv, random, "amazon")
+    held = _claim2(tpv, random, "amazon")
     p = paired_test(tpv, random).p
     assert (held.verdict, held.p) == ("holds", p) and p < 0.05
     assert held.line == ("HOLDS: the TPV init beats a random origin zero-shot on amazon (mean over 3 target origins "
                          f"0.773 vs 0.580, gain +0.193; paired t-test p {p:.3g}; significant at alpha 0.05)")
-    noisy = claim2([0.78, 0.60, 0.80], [0.58, 0.65, 0.61], "amazon")  # one origin the other way: t-test p 0.3
+    noisy = _claim2([0.78, 0.60, 0.80], [0.58, 0.65, 0.61], "amazon")  # one origin the other way: t-test p 0.3
     assert (noisy.verdict, noisy.reachable) == ("consistent, not significant", True)
-    tie = claim2([0.7, 0.7, 0.7], [0.7, 0.7, 0.7], "amazon")  # a tie is not a win
+    tie = _claim2([0.7, 0.7, 0.7], [0.7, 0.7, 0.7], "amazon")  # a tie is not a win
     assert (tie.verdict, tie.p) == ("does not hold", 1.0)
-    worse = claim2([0.5, 0.55, 0.52], [0.7, 0.72, 0.71], "amazon")
+    worse = _claim2([0.5, 0.55, 0.52], [0.7, 0.72, 0.71], "amazon")
     assert worse.verdict == "does not hold" and worse.p < 0.05  # significant, the wrong way
     # one sentence of 100 better on every origin: no spread, the sign test's p 0.25 decides, and 3 origins cannot
     # reach 0.05 that way
-    even = claim2([0.71, 0.71, 0.71], [0.70, 0.70, 0.70], "amazon")
+    even = _claim2([0.71, 0.71, 0.71], [0.70, 0.70, 0.70], "amazon")
     assert (even.verdict, even.p, even.least_p) == ("consistent, not significant", 0.25, 0.25)
     assert "sign test (no spread) p 0.25" in even.line and "the least possible p is 0.25" in even.line
-    one = claim2([0.9], [0.5], "imdb")  # one target origin: no test at all
+    one = _claim2([0.9], [0.5], "imdb")  # one target origin: no test at all
     assert one.verdict == "consistent, not significant" and one.line.endswith("no test is possible on this design)")
 
 
 def test_the_demo_verdict_prints_each_claim_then_the_addition_and_flags_selection_data():
     from tune_jobs.main_job import claim_fields, verdict
-    from tune_jobs.verdicts import claim1, claim2
+    from tune_jobs.verdicts import claim1
 
     claims = [claim1(0.062, -0.006, -0.001, _permutation(1 / 36, 1 / 36)),
-              claim2([0.71, 0.71, 0.71], [0.70, 0.70, 0.70], "amazon")]
+              _claim2([0.71, 0.71, 0.71], [0.70, 0.70, 0.70], "amazon")]
     summary = {"addition_retention": 0.912, "selection_overlap_text": None}
     lines = verdict(summary, claims)
     assert lines[:2] == [c.line for c in claims] and lines[2].startswith("addition keeps 91.2% of single-task")

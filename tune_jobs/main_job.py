@@ -37,6 +37,7 @@ from tpv.train import PRESETS
 from tune_jobs.config import Resources, add_resource_args
 from tune_jobs.locations import Locations, add_location_args, locations_from_args
 from tune_jobs.runtime import init_ray
+from tune_jobs.stats import paired_test
 from tune_jobs.tables import markdown_table
 from tune_jobs.verdicts import ALPHA, ClaimVerdict, claim1, claim2
 
@@ -196,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     tpv_zero, random_zero = [zero[("tpv", s)] for s in paired], [zero[("random", s)] for s in paired]
     claims = [claim1(by_kind["same_task"], by_kind["diff_task"], by_kind["same_origin"], sim["same_task_test"],
                      args.alpha),
-              claim2(tpv_zero, random_zero, args.target, args.alpha)]
+              claim2(paired_test(tpv_zero, random_zero), sum(random_zero) / len(random_zero), args.target,
+                     args.alpha)]
 
     summary: dict[str, Any] = {
         "backbone": args.backbone, "preset": args.preset, "tasks": args.tasks, "seeds": args.seeds,

@@ -17,8 +17,11 @@ trial per (recipe, steps) measures, on the vectors of exactly that recipe and le
   vs from the bare origin O, on origins no source was trained from (the second claim, zero-shot);
 - `retention`: the addition of all source tasks (c on validation), mean combined / single test metric (the third).
 
-The table ranks (recipe, steps) by: shows both the first and second claim, then gap, then the zero-shot gain, then
-the validation metric. Adopt the winner as a preset (`tpv.train.PRESETS`).
+The table ranks (recipe, steps) by: shows both the first and second claim in direction (strictly), then gap, then
+the zero-shot gain, then the validation metric; the winner's verdict lines say whether each claim is significant
+(`tune_jobs.verdicts`). `selection.json` records the data ranked on (`tune_jobs.selections.Selection`): adopt the
+winner as a preset (`tpv.train.PRESETS`) and register that record in `tune_jobs.selections.SELECTIONS`, so jobs
+refuse or flag this data.
 
     tpv study --tasks rotten_tomatoes trec --seeds 0 1 --target imdb --steps 30 60 120 \\
         --grid lr=0.3,0.03,0.003 loss=lm,label
@@ -40,6 +43,7 @@ from tpv.bundled import DEFAULT_BACKBONE
 from tpv.paths import atomic_write
 from tpv.tasks import require_data
 from tpv.train import PRESETS, PresetName, TrainConfig, snapshot_source
+from tpv.vectors import PermutationTest
 from tune_jobs.config import (
     JobConfig,
     JobConfigError,
@@ -53,7 +57,10 @@ from tune_jobs.grid import TrialsFailed, plan_packs, run_grid, short_hash, specs
 from tune_jobs.locations import add_location_args
 from tune_jobs.runtime import init_ray, load_backbone, set_threads
 from tune_jobs.tables import csv_text, markdown_table, print_result
+from tune_jobs.selections import Selection
+from tune_jobs.stats import PairedTest, paired_test
 from tune_jobs.trial import TrialSpec
+from tune_jobs.verdicts import ALPHA, ClaimVerdict, claim1, claim2
 
 
 class StudyConfig(JobConfig):
@@ -146,7 +153,9 @@ def score_vectors(spec: ScoreSpec) -> dict[str, float]:
     groups = similarity_by_pair_kind(metas, flat)
     out = {kind: sum(v) / len(v) for kind, v in groups.items() if v}
     out["gap"] = out["same_task"] - max(out.get("diff_task", -1.0), out.get("same_origin", -1.0))
-    out["same_task_p"] = same_task_permutation_test(metas, flat).p
+    permutation = same_task_permutation_test(metas, flat)
+    out |= {"same_task_p": permutation.p, "same_task_p_least": permutation.smallest_p,
+            "same_task_arrangements": permutation.arrangements, "same_task_exact": float(permutation.exact)}
     out["val"] = sum(m.metrics[get_task(m.task).metric] for m in metas) / len(metas)
     length = metas[0].prompt_length
     out["tau_norm"] = sum(float(v.tensor.norm()) for v in vectors) / len(vectors)
@@ -166,7 +175,9 @@ def score_vectors(spec: ScoreSpec) -> dict[str, float]:
         random.append(evaluate(backbone, origin, target, dev)[target.metric])
     out["tpv_zero_shot"] = sum(tpv) / len(tpv)
     out["random_zero_shot"] = sum(random) / len(random)
-    out["zero_shot_gain"] = out["tpv_zero_shot"] - out["random_zero_shot"]
+    zero_shot = paired_test(tpv, random)
+    out |= {"zero_shot_gain": zero_shot.mean_gain, "zero_shot_t": zero_shot.t, "zero_shot_p": zero_shot.p,
+            "zero_shot_spread": float(zero_shot.spread), "zero_shot_n": zero_shot.n}
     added = run_addition(backbone, store, spec.tasks, spec.seeds[0], source=spec.source,
                          grid=coefficient_grid(spec.addition_step), eval_examples=spec.eval_examples,
                          test_examples=spec.test_examples)
@@ -190,9 +201,21 @@ def _score_label(trial) -> str:
     return f"{spec.get('recipe')}@{spec.get('steps')}".replace("/", "-")
 
 
+def claims(row: dict[str, Any], config: StudyConfig, alpha: float = ALPHA) -> list[ClaimVerdict]:
+    """The first two claims on one scored (recipe, steps), judged as every job judges them (`tune_jobs.verdicts`)."""
+    permutation = PermutationTest(p=row["same_task_p"], arrangements=int(row["same_task_arrangements"]),
+                                  exact=bool(row["same_task_exact"]), smallest_p=row["same_task_p_least"])
+    zero_shot = PairedTest(n=int(row["zero_shot_n"]), mean_gain=row["zero_shot_gain"], t=row["zero_shot_t"],
+                           p=row["zero_shot_p"], spread=bool(row["zero_shot_spread"]))
+    return [claim1(row["same_task"], row["diff_task"], row["same_origin"], permutation, alpha),
+            claim2(zero_shot, row["random_zero_shot"], config.target, alpha)]
+
+
 def rank_key(row: dict[str, Any]) -> tuple:
-    """Shows the first two claims (task dominates origin, TPV zero-shot >= random), then gap, gain, val."""
-    shows = row["gap"] > 0 and row["zero_shot_gain"] >= 0
+    """Shows the first two claims in direction, strictly (task dominates origin, TPV zero-shot above random), then
+    gap, gain, val. Significance is the verdicts' business: on a study's few vectors it is rarely reachable, and the
+    ranking must still order recipes."""
+    shows = row["gap"] > 0 and row["zero_shot_gain"] > 0
     return (shows, round(row["gap"], 3), round(row["zero_shot_gain"], 3), row["val"])
 
 
@@ -245,33 +268,52 @@ def run_study(config: StudyConfig) -> dict[str, Any]:
             failed.append(o.error)
             continue
         spec = ScoreSpec.model_validate(o.config["spec"])
-        rows.append({"recipe": spec.recipe, "steps": spec.steps, **{k: o.metrics.get(k) for k in SCORE_COLUMNS}})
+        rows.append({"recipe": spec.recipe, "steps": spec.steps,
+                     **{k: o.metrics.get(k) for k in [*SCORE_COLUMNS, *TEST_FIELDS]}})
     rows.sort(key=rank_key, reverse=True)
     return summarize(config, rows, failed, Path(loc.out_dir) / config.name)
 
 
 SCORE_COLUMNS = ["val", "same_task", "diff_task", "same_origin", "gap", "same_task_p", "tpv_zero_shot",
-                 "random_zero_shot", "zero_shot_gain", "retention", "addition_c", "tau_norm", "origin_norm",
-                 "mean_row_share"]
+                 "random_zero_shot", "zero_shot_gain", "zero_shot_p", "retention", "addition_c", "tau_norm",
+                 "origin_norm", "mean_row_share"]
+TEST_FIELDS = ["same_task_p_least", "same_task_arrangements", "same_task_exact", "zero_shot_t", "zero_shot_spread",
+               "zero_shot_n"]
+"""What the verdicts need beyond the table's columns (kept in the rows, not printed)."""
+
+
+def selection_of(config: StudyConfig) -> Selection:
+    """What this study ranks recipes on: a recipe it chooses is tuned to this data (`tune_jobs.selections`)."""
+    return Selection(name=config.name, backbone=config.backbone, tasks=config.tasks, seeds=config.seeds,
+                     target=config.target, target_sources=config.target_sources or config.tasks,
+                     target_seeds=config.target_seeds)
 
 
 def summarize(config: StudyConfig, rows: list[dict[str, Any]], failed: list[str], out: Path) -> dict[str, Any]:
     columns = ["recipe", "steps", *SCORE_COLUMNS]
     best = rows[0] if rows else None
-    verdict = "no recipe scored" if best is None else (
-        f"winner: `{best['recipe']}` at {best['steps']} steps "
-        + ("(task dominates origin and TPV zero-shot >= random origin)" if rank_key(best)[0] else
-           "(NO recipe shows both claims at this budget: the best by gap is shown)"))
+    if best is None:
+        verdict = ["no recipe scored"]
+    else:
+        verdict = [f"winner: `{best['recipe']}` at {best['steps']} steps "
+                   + ("(task dominates origin and TPV zero-shot above random origin, in direction)" if rank_key(best)[0]
+                      else "(NO recipe shows both claims at this budget: the best by gap is shown)"),
+                   *(f"- {c.line}" for c in claims(best, config))]
+    selection = selection_of(config)
     md = "\n".join([
         f"# Recipe study `{config.name}` ({config.backbone}, preset {config.preset})", "",
         f"sources {config.tasks} x origins {config.seeds}; held-out target `{config.target}` on origins "
         f"{config.target_seeds}; {config.eval_examples} validation / {config.test_examples} test examples per score; "
-        "cosines are flat (the paper's measure).", "", verdict, "", markdown_table(rows, columns), "",
+        "cosines are flat (the paper's measure).", "", *verdict, "",
+        "A recipe chosen here is tuned to these tasks, origins and target (selection.json): measure it on others.", "",
+        markdown_table(rows, columns), "",
         *([f"{len(failed)} scoring trial(s) failed: {failed[:3]}", ""] if failed else []),
     ])
     paths = {"markdown": str(atomic_write(out / "study.md", md)),
-             "csv": str(atomic_write(out / "study.csv", csv_text(rows, columns)))}
-    return {"rows": rows, "best": best, "markdown": md, "paths": paths, "failed": len(failed)}
+             "csv": str(atomic_write(out / "study.csv", csv_text(rows, columns))),
+             "selection": str(atomic_write(out / "selection.json", selection.model_dump_json(indent=2)))}
+    return {"rows": rows, "best": best, "markdown": md, "paths": paths, "failed": len(failed),
+            "selection": selection}
 
 
 def build_parser() -> argparse.ArgumentParser:

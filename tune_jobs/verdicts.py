@@ -8,19 +8,18 @@ evidence.
 - Claim 1, the task dominates the origin: same-task flat cosine above both different-task and same-origin pairs;
   the test is the task-label permutation test (`tpv.vectors.same_task_permutation_test`).
 - Claim 2, the TPV init beats a random origin zero-shot: over several target origins, paired by origin
-  (`tune_jobs.stats.paired_test`), strict: a tie is not a win.
+  (`tune_jobs.stats.paired_test`: a t-test, the sign test without spread), strict: a tie is not a win.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from tpv.vectors import PermutationTest
-from tune_jobs.stats import paired_test
+from tune_jobs.stats import PairedTest
 
 ALPHA = 0.05
 VerdictName = Literal["holds", "consistent, not significant", "does not hold"]
@@ -70,13 +69,12 @@ def claim1(same_task: float, diff_task: float, same_origin: float, test: Permuta
                         verdict=judge(same_task > max(diff_task, same_origin), p, alpha))
 
 
-def claim2(tpv: Sequence[float], random: Sequence[float], target: str, alpha: float = ALPHA) -> ClaimVerdict:
-    """The TPV init beats a random origin zero-shot on a target, over paired target origins (a tie is no win)."""
-    test = paired_test(tpv, random)
-    n = len(tpv)
-    mean_tpv, mean_random = sum(tpv) / n, sum(random) / n
-    figures = (f"mean over {n} target origin{'s' if n != 1 else ''} {mean_tpv:.3f} vs {mean_random:.3f}, gain "
-               f"{test.mean_gain:+.3f}; {test.method} p {test.p:.3g}")
+def claim2(test: PairedTest, random_mean: float, target: str, alpha: float = ALPHA) -> ClaimVerdict:
+    """The TPV init beats a random origin zero-shot on a target: `test` pairs TPV against the random origin over
+    target origins (`tune_jobs.stats.paired_test(tpv, random)`); a tie is no win."""
+    n = test.n
+    figures = (f"mean over {n} target origin{'s' if n != 1 else ''} {random_mean + test.mean_gain:.3f} vs "
+               f"{random_mean:.3f}, gain {test.mean_gain:+.3f}; {test.method} p {test.p:.3g}")
     return ClaimVerdict(claim=f"the TPV init beats a random origin zero-shot on {target}", p=test.p,
                         least_p=test.least_p, alpha=alpha, figures=figures,
                         verdict=judge(test.mean_gain > 0, test.p, alpha))
