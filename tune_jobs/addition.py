@@ -30,6 +30,7 @@ from tune_jobs.config import JobConfig, add_resource_args, config_from_args, sta
 from tune_jobs.grid import Search, run_grid, short_hash
 from tune_jobs.locations import add_location_args
 from tune_jobs.runtime import init_ray, load_backbone, set_threads
+from tune_jobs.selections import held_out
 from tune_jobs.tables import (
     csv_text,
     markdown_table,
@@ -309,6 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     config = config_from_args(AdditionConfig, args, ("name", "tasks", "combinations", "seeds", "vectors_source",
                                                      "backbone", "grid_step", "weight_samples", "eval_examples",
                                                      "test_examples"), required=("tasks",))
+    held_out("tpv addition", config.tasks, config.seeds)
     start_ray(args)
     result = run_addition_job(config)
     print_result(result)

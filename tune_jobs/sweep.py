@@ -36,6 +36,7 @@ from tune_jobs.config import (
 from tune_jobs.grid import GridInterrupted, GridOutcome, plan_packs, run_grid, short_hash, specs_space
 from tune_jobs.locations import add_location_args
 from tune_jobs.runtime import init_ray
+from tune_jobs.selections import held_out
 from tune_jobs.tables import csv_text, markdown_table
 from tune_jobs.trial import TrialSpec, stored_pairs, train_trial
 
@@ -217,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     config = config_from_args(SweepConfig, args, ("name", "tasks", "seeds", "backbones", "preset", "max_failures",
                                                   "verbose"), required=("tasks",))
+    held_out("tpv sweep", config.tasks, config.seeds)
     start_ray(args)
     outcome = run_sweep(config)
     print()

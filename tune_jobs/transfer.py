@@ -52,6 +52,7 @@ from tune_jobs.config import (
 from tune_jobs.grid import plan_packs, run_grid, short_hash, specs_space
 from tune_jobs.locations import add_location_args
 from tune_jobs.runtime import init_ray
+from tune_jobs.selections import held_out
 from tune_jobs.tables import (
     csv_text,
     markdown_table,
@@ -448,6 +449,8 @@ def config_from_cli(args) -> TransferConfig:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     config = config_from_cli(args)
+    for target in config.targets:
+        held_out("tpv transfer", origin_seeds=[*config.seeds, *(config.vector_seeds or [])], target=target)
     start_ray(args)
     result = run_transfer(config)
     print_result(result)
