@@ -6,10 +6,20 @@ strings alike. ``f1`` is binary F1 of the positive class, which is label index 1
 per-class F1 over every class seen in either predictions or references. ``pearson``/``spearman`` take numbers;
 when either side is constant the correlation is undefined and 0.0 is returned (no signal), so model selection on
 validation never compares against NaN.
+
+Generation metrics score answer text. ``squad_em``/``squad_f1`` are SQuAD's: answers lower-cased, punctuation and
+the articles a/an/the dropped, whitespace collapsed; each prediction takes its best score over the reference's gold
+answers (a reference is one answer or a list of them); a reference with no gold answer (SQuAD v2's unanswerable
+questions) is matched only by an empty prediction or ``NO_ANSWER``. ``math_exact`` compares the final answers of
+MATH solutions: the last ``\\boxed{...}`` of each (the whole text when there is none), with spaces, ``$``,
+``\\left``/``\\right`` and a trailing period dropped.
 """
 
 from __future__ import annotations
 
+import re
+import string
+from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -17,7 +27,9 @@ import numpy as np
 
 CLASSIFICATION_METRICS = ("accuracy", "f1", "macro_f1")
 REGRESSION_METRICS = ("pearson", "spearman")
-METRICS = CLASSIFICATION_METRICS + REGRESSION_METRICS
+GENERATION_METRICS = ("squad_em", "squad_f1", "math_exact")
+METRICS = CLASSIFICATION_METRICS + REGRESSION_METRICS + GENERATION_METRICS
+NO_ANSWER = "unanswerable"  # the target text of a SQuAD v2 question whose context holds no answer
 
 
 def accuracy(preds: Sequence[Any], refs: Sequence[Any]) -> float:
@@ -62,12 +74,72 @@ def spearman(preds: Sequence[float], refs: Sequence[float]) -> float:
     return pearson(_ranks(np.asarray(preds, dtype=float)), _ranks(np.asarray(refs, dtype=float)))
 
 
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCTUATION = str.maketrans("", "", string.punctuation)
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD's answer normalisation; the no-answer word normalises to the empty answer."""
+    text = " ".join(_ARTICLES.sub(" ", text.lower().translate(_PUNCTUATION)).split())
+    return "" if text == NO_ANSWER else text
+
+
+def _golds(ref: str | Sequence[str]) -> list[str]:
+    golds = [normalize_answer(g) for g in ([ref] if isinstance(ref, str) else ref)]
+    return [g for g in golds if g] or [""]
+
+
+def _token_f1(pred: str, gold: str) -> float:
+    if not pred or not gold:
+        return float(pred == gold)
+    common = sum((Counter(pred.split()) & Counter(gold.split())).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(pred.split()), common / len(gold.split())
+    return 2 * precision * recall / (precision + recall)
+
+
+def squad_em(preds: Sequence[str], refs: Sequence[str | Sequence[str]]) -> float:
+    return float(np.mean([max(float(normalize_answer(p) == g) for g in _golds(r)) for p, r in zip(preds, refs)]))
+
+
+def squad_f1(preds: Sequence[str], refs: Sequence[str | Sequence[str]]) -> float:
+    return float(np.mean([max(_token_f1(normalize_answer(p), g) for g in _golds(r)) for p, r in zip(preds, refs)]))
+
+
+def boxed_answer(text: str) -> str:
+    """The content of the last ``\\boxed{...}`` (braces balanced), or the text itself when there is none."""
+    start = text.rfind("\\boxed{")
+    if start < 0:
+        return text
+    depth, i = 0, start + len("\\boxed")
+    for j in range(i, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return text[i + 1 : j]
+    return text[i + 1 :]
+
+
+def _math_normal(text: str) -> str:
+    answer = boxed_answer(text)
+    for junk in ("\\left", "\\right", "$", " "):
+        answer = answer.replace(junk, "")
+    return answer.rstrip(".")
+
+
+def math_exact(preds: Sequence[str], refs: Sequence[str]) -> float:
+    return float(np.mean([_math_normal(p) == _math_normal(r) for p, r in zip(preds, refs)]))
+
+
 _FUNCTIONS: dict[str, Callable[..., float]] = {
     "accuracy": accuracy,
     "f1": f1,
     "macro_f1": macro_f1,
     "pearson": pearson,
     "spearman": spearman,
+    "squad_em": squad_em,
+    "squad_f1": squad_f1,
+    "math_exact": math_exact,
 }
 
 

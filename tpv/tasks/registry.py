@@ -1,6 +1,6 @@
 """The task registry and loading examples from it.
 
-Built-ins, user tasks registered in this process, and user tasks persisted under ``TPV_HOME/tasks`` (``tpv tasks
+Built-ins (the bundled stand-ins and the paper's hub tasks, ``tpv.tasks.paper``), user tasks registered in this process, and user tasks persisted under ``TPV_HOME/tasks`` (``tpv tasks
 add``): the persisted ones are what Ray workers and other processes see, since TPV_HOME is shared with them.
 """
 
@@ -16,6 +16,7 @@ from pydantic import ValidationError
 from tpv.errors import InvalidInput, NotFoundError
 from tpv.paths import atomic_write, data_dir, tpv_home
 from tpv.tasks.builtin import BUILTIN_TASKS
+from tpv.tasks.paper import PAPER_TASKS
 from tpv.tasks.spec import (
     SPLITS,
     Example,
@@ -37,7 +38,7 @@ class BadSplitRequest(InvalidInput):
     """A split name, limit or shot count that no task can serve."""
 
 
-_REGISTRY: dict[str, TaskSpec] = {spec.name: spec for spec in BUILTIN_TASKS}
+_REGISTRY: dict[str, TaskSpec] = {spec.name: spec for spec in [*BUILTIN_TASKS, *PAPER_TASKS]}
 BUILTIN_NAMES = frozenset(_REGISTRY)
 
 

@@ -16,11 +16,11 @@ from pydantic import (
 )
 
 from tpv.errors import InvalidInput, Unavailable
-from tpv.metrics import CLASSIFICATION_METRICS
+from tpv.metrics import CLASSIFICATION_METRICS, GENERATION_METRICS, REGRESSION_METRICS
 
 Split = Literal["train", "validation", "test"]
 SPLITS: tuple[Split, ...] = ("train", "validation", "test")
-MetricName = Literal["accuracy", "f1", "macro_f1", "pearson", "spearman"]
+MetricName = Literal["accuracy", "f1", "macro_f1", "pearson", "spearman", "squad_em", "squad_f1", "math_exact"]
 DataFormat = Literal["csv", "jsonl", "json", "parquet", "hf_disk"]
 
 
@@ -38,8 +38,8 @@ class Example(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     source: str  # the filled template
-    target: str  # the label string (classification) or the value with one decimal (regression)
-    label: int | float  # class index into TaskSpec.labels, or the regression value
+    target: str  # the label string (classification), the value with one decimal (regression), the answer text
+    label: int | float | str  # class index into TaskSpec.labels, the regression value, or the answer (generation)
 
 
 class SplitProtocol(BaseModel):
@@ -52,6 +52,7 @@ class SplitProtocol(BaseModel):
     large_threshold: int = Field(10_000, gt=0)  # train pools at least this big count as large
     validation_size: int = Field(1_000, gt=0)  # validation carved from the train pool of a large set
     test_fraction: float = Field(0.1, gt=0, lt=0.5)  # held-out share carved when the source has none
+    stratify: bool = False  # carve each class (the label) in proportion, so every split keeps the class balance
 
 
 class DataSource(BaseModel):
@@ -141,7 +142,8 @@ class TaskSpec(BaseModel):
         if self.metric in CLASSIFICATION_METRICS and len(self.labels) < 2:
             raise ValueError(f"labels: metric {self.metric!r} is for classification and needs at least 2 labels")
         if self.metric not in CLASSIFICATION_METRICS and self.labels:
-            raise ValueError(f"labels: metric {self.metric!r} is for regression; leave labels empty")
+            kind = "regression" if self.metric in REGRESSION_METRICS else "generation"
+            raise ValueError(f"labels: metric {self.metric!r} is for {kind}; leave labels empty")
         if self.metric == "f1" and len(self.labels) != 2:
             raise ValueError("metric: f1 is binary (positive class = labels[1]); use macro_f1 for more labels")
         fields = template_fields(self.template)
@@ -158,7 +160,12 @@ class TaskSpec(BaseModel):
 
     @property
     def is_regression(self) -> bool:
-        return not self.labels
+        return self.metric in REGRESSION_METRICS
+
+    @property
+    def is_generation(self) -> bool:
+        """Free-text answers (SQuAD, MATH): rows carry a ``target`` text instead of a label."""
+        return self.metric in GENERATION_METRICS
 
     def render(self, row: Mapping[str, Any]) -> str:
         """The template filled from one row's fields (each cut to its ``max_chars``)."""
@@ -166,7 +173,10 @@ class TaskSpec(BaseModel):
         return self.template.format(**values)
 
     def example(self, row: Mapping[str, Any]) -> Example:
-        """A row with template fields and ``label`` (class index, or a number for regression) as an Example."""
+        """A row with template fields and ``label`` (class index, or a number for regression) as an Example;
+        a generation task's row has ``target``, its reference answer text, instead."""
+        if self.is_generation:
+            return Example(source=self.render(row), target=str(row["target"]), label=str(row["target"]))
         if self.is_regression:
             value = float(row["label"])
             return Example(source=self.render(row), target=f"{value:.1f}", label=value)
