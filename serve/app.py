@@ -129,7 +129,8 @@ class TPVIngress(openai_api.OpenAIRoutes):
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         self.settings = IngressSettings.model_validate(user_config or {})
         s = self.settings
-        guards.configure(s.limits.max_body_bytes, s.body_read_timeout_s, s.slow_body_after_s, s.slow_body_slots)
+        guards.configure(s.limits.max_body_bytes, s.body_read_timeout_s, s.slow_body_after_s, s.slow_body_bytes_per_s,
+                         s.slow_body_slots)
         auth.configure(self.settings.auth)
 
     async def _call(self, method: str, *args, timeout_s: float | None = None, stream: bool = False):

@@ -4,9 +4,9 @@ ASGI middlewares, so they act before FastAPI touches the body. `KeyGuard` refuse
 without reading a byte of the body, and a request with more than one Authorization header (400). `BodyGuard`
 sees the body as it arrives (Serve streams it from the proxy): a chunked body with no Content-Length is cut off at
 `max_body_bytes` (413), and a client that drips its body is cut off after `body_read_timeout_s` (408). A body
-still arriving after `slow_body_after_s` needs one of `slow_body_slots` slots, else it is cut off at once (408):
-fewer slots than the ingress's `max_ongoing_requests`, so slow clients can never hold every request slot and a
-new request waits at most `slow_body_after_s` for one. The body is then checked against its route
+arriving slower than `slow_body_bytes_per_s` (judged from `slow_body_after_s` on) needs one of `slow_body_slots`
+slots, else it is cut off at once (408): fewer slots than the ingress's `max_ongoing_requests`, so slow clients
+cannot hold every request slot for the body timeout, while a big body sent at any honest speed needs none. The body is then checked against its route
 (`serve.parsing`) and handed to the app in one piece. HEAD is answered as GET without the body.
 """
 
@@ -29,7 +29,8 @@ from tpv.errors import TpvError
 class BodyLimits:
     max_bytes: int = 2_000_000
     timeout_s: float = 10.0
-    slow_after_s: float = 0.5
+    slow_after_s: float = 0.25
+    slow_rate: float = 8_000.0  # bytes per second: a body arriving slower than this (after slow_after_s) is slow
     slow_slots: int = 64
     slow_in_use: int = 0  # bodies past slow_after_s being read now (one event loop: no lock needed)
 
@@ -38,9 +39,9 @@ class BodyLimits:
 LIMITS = BodyLimits()
 
 
-def configure(max_bytes: int, timeout_s: float, slow_after_s: float, slow_slots: int) -> None:
+def configure(max_bytes: int, timeout_s: float, slow_after_s: float, slow_rate: float, slow_slots: int) -> None:
     LIMITS.max_bytes, LIMITS.timeout_s = max_bytes, timeout_s
-    LIMITS.slow_after_s, LIMITS.slow_slots = slow_after_s, slow_slots
+    LIMITS.slow_after_s, LIMITS.slow_rate, LIMITS.slow_slots = slow_after_s, slow_rate, slow_slots
 
 
 async def read_body(receive: Receive, limits: BodyLimits) -> bytes:
@@ -52,20 +53,22 @@ async def read_body(receive: Receive, limits: BodyLimits) -> bytes:
     parts: list[bytes] = []
     size = 0
     pending: asyncio.Future | None = None  # one receive() at a time, never cancelled mid-message by a timeout
+    elapsed = 0.0
     try:
         while True:
-            if not slow and time.monotonic() - start >= limits.slow_after_s:
-                if limits.slow_in_use >= limits.slow_slots:
-                    raise SlowBodyRefused(f"the body was still arriving after {limits.slow_after_s:g} s and every "
-                                          f"slow-body slot is taken; send it faster or retry later")
-                slow = True
-                limits.slow_in_use += 1
-            until = deadline if slow else min(deadline, start + limits.slow_after_s)
+            until = deadline if slow else min(deadline, start + max(limits.slow_after_s, elapsed + 0.05))
             pending = pending or asyncio.ensure_future(receive())
             done, _ = await asyncio.wait({pending}, timeout=max(until - time.monotonic(), 0.0))
-            if not done:
-                if slow or time.monotonic() >= deadline:
+            elapsed = time.monotonic() - start
+            if not done:  # judged only when nothing is waiting to be read: a busy loop makes no client slow
+                if elapsed >= limits.timeout_s:
                     raise BodyTimeout(f"the request body was not received within {limits.timeout_s:g} s")
+                if not slow and elapsed >= limits.slow_after_s and size < limits.slow_rate * elapsed:
+                    if limits.slow_in_use >= limits.slow_slots:
+                        raise SlowBodyRefused(f"the body is arriving slower than {limits.slow_rate:g} bytes/s and "
+                                              f"every slow-body slot is taken; send it faster or retry later")
+                    slow = True
+                    limits.slow_in_use += 1
                 continue
             message, pending = pending.result(), None
             if message["type"] != "http.request":
@@ -111,7 +114,8 @@ class BodyGuard:
             return
         if scope["method"] == "HEAD":
             scope, send = {**scope, "method": "GET"}, _without_body(send)
-        length = dict(scope.get("headers") or []).get(b"content-length")
+        headers = dict(scope.get("headers") or [])
+        length = headers.get(b"content-length")
         if length is not None:
             if not length.isdigit():
                 await error_response(400, "bad_header", "content-length is not a number")(scope, receive, send)
@@ -121,8 +125,9 @@ class BodyGuard:
                 await exception_response(exc)(scope, receive, send)
                 return
         path = scope["path"].removeprefix(scope.get("root_path", "")) or "/"
+        bodiless = length in (None, b"0") and b"transfer-encoding" not in headers  # a GET: nothing to wait for
         try:
-            body = await read_body(receive, LIMITS)
+            body = b"" if bodiless else await read_body(receive, LIMITS)
             await self.shapes.check(scope["method"], path, scope.get("query_string", b""), body)
         except TpvError as exc:
             await exception_response(exc)(scope, receive, send)

@@ -41,8 +41,10 @@ class IngressSettings(BaseModel):
 
     limits: RequestLimits = Field(default_factory=RequestLimits)
     body_read_timeout_s: float = Field(10.0, gt=0, le=600, description="a client must send its whole body in this")
-    slow_body_after_s: float = Field(0.5, gt=0, le=600, description="a body still arriving after this needs a "
-                                                                     "slow-body slot, else it is cut off (408)")
+    slow_body_after_s: float = Field(0.25, gt=0, le=600, description="from then on, a body arriving slower than "
+                                                                     "slow_body_bytes_per_s needs a slow-body slot")
+    slow_body_bytes_per_s: float = Field(8_000, gt=0, description="bytes/s since the request began; slower "
+                                                                   "bodies without a slot are cut off (408)")
     slow_body_slots: int = Field(64, ge=1, description="bodies read past slow_body_after_s at once; keep it well "
                                                        "under the deployment's max_ongoing_requests")
     request_timeout_s: float = Field(60.0, gt=0, le=3600, description="end to end, retries included: then 504")

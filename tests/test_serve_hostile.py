@@ -24,7 +24,7 @@ BODY_LIMIT = 2_000_000  # the shipped limit: the costliest in-limit bodies fit
 BODY_TIMEOUT_S = 2.0
 SLOTS = 8
 SLOW_SLOTS = 2  # of SLOTS: bodies still arriving after SLOW_AFTER_S
-SLOW_AFTER_S = 0.3
+SLOW_AFTER_S = 0.25
 
 
 def _auth(key: str) -> dict[str, str]:
@@ -73,7 +73,7 @@ OK = {"inputs": TEXTS[:2], "task": "rotten_tomatoes", "composition": {"terms": [
 def _error(r: requests.Response, status: int, kind: str) -> dict:
     assert r.status_code == status, r.text
     body = r.json()
-    assert set(body) <= {"error", "detail", "errors"} and body["error"] == kind, body
+    assert set(body) <= {"error", "detail", "errors", "more_errors"} and body["error"] == kind, body
     return body
 
 
@@ -367,7 +367,7 @@ def test_a_flood_of_costly_in_limit_bodies_stalls_no_one(url, path, base):
     health, valid = _under_pressure(url, lambda: answers.extend(_flood(url, path, body)))
     assert [r.status_code for r in answers] == [422] * 32
     assert max(len(r.content) for r in answers) < 2000, len(answers[0].content)
-    assert str(UNKNOWN_KEYS) in answers[0].text
+    assert f"{UNKNOWN_KEYS + len(base)} keys" in answers[0].text
     assert max(health) < 1.0, sorted(health)[-5:]
     assert valid and all(status == 200 for status, _ in valid), valid
 
@@ -404,14 +404,14 @@ def _drip(url: str, stop: threading.Event, statuses: list[int], rounds: int = 20
 
 
 def test_a_crowd_of_slow_bodies_holds_no_one_for_the_body_timeout(url):
-    """Three times as many dripping clients as the ingress has slots, reconnecting when cut off: only
-    SLOW_SLOTS of them may keep reading, the rest are cut off after SLOW_AFTER_S, so health and a valid request
-    wait well under the body timeout."""
+    """More dripping clients than the ingress has slots, reconnecting when cut off: only SLOW_SLOTS of them may
+    keep reading, the rest are cut off once they fall behind (SLOW_AFTER_S), so health and a valid request wait
+    well under the body timeout."""
     stop = threading.Event()
     statuses: list[int] = []
 
     def attack():
-        crowd = [threading.Thread(target=_drip, args=(url, stop, statuses)) for _ in range(3 * SLOTS)]
+        crowd = [threading.Thread(target=_drip, args=(url, stop, statuses)) for _ in range(SLOTS + 4)]
         for t in crowd:
             t.start()
         time.sleep(3 * BODY_TIMEOUT_S)
