@@ -25,7 +25,9 @@ from tpv.store import UnknownVector
 from tpv.vectors import similarity_by_pair_kind
 from tune_jobs.locations import add_location_args, locations_from_args
 from tune_jobs.runtime import init_ray
+from tune_jobs.selections import held_out
 from tune_jobs.tables import csv_text, markdown_table, mean_std, pm, save_figure
+from tune_jobs.verdicts import claim1
 
 
 def pick_backbone(store, backbone_id: str | None) -> str:
@@ -150,6 +152,10 @@ def similarity_report(store_uri: str, out_dir: str | Path, backbone_id: str | No
     summary = {mode: similarity_summary(metas, m) for mode, m in matrices.items()}
     per_task = per_task_cross_seed(metas, matrices["flat"])
     permutation = same_task_permutation_test(metas, matrices["flat"])
+    means = {row["kind"]: row["mean"] for row in summary["flat"]}
+    verdict = (claim1(means["same_task"], means["diff_task"], means["same_origin"], permutation).line
+               if {"same_task", "diff_task", "same_origin"} <= means.keys() else
+               "Claim 1 needs same-task, different-task and same-origin pairs: no verdict on these vectors.")
     shares = [mean_row_share(v) for v in vectors.values()]
     share = sum(shares) / len(shares)
     flat_table = markdown_table(
@@ -159,7 +165,7 @@ def similarity_report(store_uri: str, out_dir: str | Path, backbone_id: str | No
     columns = ["pairs", "n", "mean", "std", "min", "max"]
     md = [f"# Task prompt vector similarity ({backbone_id}, {len(metas)} vectors, {shape})", "",
           "## Summary (flat cosine of the flattened vectors, the paper's measure)", "",
-          markdown_table(summary["flat"], columns, 3), "", permutation_line(permutation), "",
+          markdown_table(summary["flat"], columns, 3), "", permutation_line(permutation), "", verdict, "",
           "## Summary (mean of per-row cosines)", "", markdown_table(summary["per_row_mean"], columns, 3), "",
           "## Summary (cosine of the row-averaged vectors)", "", markdown_table(summary["row_averaged"], columns, 3),
           "", "## Summary (flat cosine of the row-centered vectors: each row less the vector's mean row)", "",
@@ -295,6 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     from tpv.backbone import backbone_id_for
 
     bb_id = backbone_id_for(args.backbone) if args.backbone else None
+    held_out("tpv report", args.tasks or (), args.seeds or ())
     result = similarity_report(loc.store, loc.out_dir, bb_id, args.tasks, args.seeds, args.name,
                                args.vectors_source)
     print(result["markdown"])
