@@ -13,6 +13,7 @@ Last line JSON:
                                                                      (> 1: one prompt per pass is faster)
 
     python bench/eval_passes.py [--tasks rotten_tomatoes tweets sms_spam trec] [--examples 64] [--threads 2]
+    python bench/eval_passes.py --smoke      # CI: one round, 4 rows, one prompt per task (add --model, --tasks)
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import argparse
 import json
 import time
 
-from grid_args import add_pass_args, loaded_backbone
+from grid_args import add_pass_args, loaded_backbone, parse_with_smoke
 
 from tpv.evaluate import evaluate_many
 from tpv.prompt import make_origin
@@ -32,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     add_pass_args(p)
     p.add_argument("--prompts-per-task", type=int, default=2, help="K = tasks x this (default 2)")
     p.add_argument("--examples", type=int, default=64, help="validation rows per prompt (default 64)")
-    args = p.parse_args(argv)
+    args = parse_with_smoke(p, argv, {"rounds": 1, "examples": 4, "prompts_per_task": 1})
 
     from tpv.tasks import get_task, load_split
 
@@ -57,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"round {r}, {shape}: {per_pass} prompt(s) per pass: {walls[shape, per_pass][-1]:.1f} s",
                       flush=True)
     out = {f"{shape}_own_vs_shared": round(sum(walls[shape, n]) / sum(walls[shape, 1]), 3) for shape in shapes}
-    out |= {f"{shape}_{'shared' if per_pass == n else 'own'}_s": [round(x, 1) for x in w]
+    out |= {f"{shape}_{'shared' if per_pass == n else 'own'}_s": [round(x, 3) for x in w]
             for (shape, per_pass), w in walls.items()}
     print(json.dumps(out | {"prompts": n, "examples": args.examples, "threads": args.threads, "model": model}))
     return 0

@@ -1,10 +1,24 @@
-"""The command line the benchmarks share (which model, tasks, seeds, steps, CPUs or threads, rounds) and their
-set-up: the tasks' data fetched and the model converted (and, in-process, loaded) before anything is timed."""
+"""The command line the benchmarks share (which model, tasks, seeds, steps, CPUs or threads, rounds, `--smoke`) and
+their set-up: the tasks' data fetched and the model converted (and, in-process, loaded) before anything is timed."""
 
 from __future__ import annotations
 
 import argparse
 import os
+
+
+def parse_with_smoke(p: argparse.ArgumentParser, argv: list[str] | None, smoke: dict) -> argparse.Namespace:
+    """`p`'s arguments; with `--smoke`, `smoke` replaces the defaults (flags given still win): one short round of
+    the smallest setting, so CI runs every benchmark end to end and a broken one fails there, not on a user."""
+    p.add_argument("--smoke", action="store_true", help="one short round of the smallest setting (what CI runs): "
+                   + ", ".join(f"--{k.replace('_', '-')} {_shown(v)}" for k, v in smoke.items()))
+    if p.parse_args(argv).smoke:
+        p.set_defaults(**smoke)
+    return p.parse_args(argv)
+
+
+def _shown(value) -> str:
+    return " ".join(map(str, value)) if isinstance(value, list) else str(value)
 
 
 def add_grid_args(p: argparse.ArgumentParser, tasks: list[str], steps: int, cpus_help: str, rounds: int) -> None:

@@ -23,6 +23,7 @@ the same runs could reach on these CPUs. Last line JSON:
 
     python bench/grid_throughput.py                        # bundled SmolLM2-135M, 4 tasks x 2 seeds, 8 steps
     python bench/grid_throughput.py --steps 4 --eval-examples 16 --rounds 2
+    python bench/grid_throughput.py --smoke   # CI: one round of 2 steps, 1 seed, per-run and packed sides
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ import threading
 import time
 from pathlib import Path
 
-from grid_args import add_grid_args, prepared_model
+from grid_args import add_grid_args, parse_with_smoke, prepared_model
 
 #: the sides on Ray: name -> its pack (the packed side packs every run into one trial)
 SIDES = {"packed": "all", "per-run": 1, "auto": "auto"}
@@ -203,7 +204,8 @@ def main(argv: list[str] | None = None) -> int:
                    "(`side_without_ray`): for a machine without Ray")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="the backbone's dtype (auto: bfloat16 on a GPU, float32 on a CPU)")
-    args = p.parse_args(argv)
+    args = parse_with_smoke(p, argv, {"rounds": 1, "steps": 2, "seeds": [0], "eval_examples": 4,
+                                      "sides": ["packed"]})
 
     model = prepared_model(args)
     train = {"max_steps": args.steps, "eval_every": args.steps, "eval_examples": args.eval_examples,
@@ -266,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
         "max_vector_diff": max((d for ds in diffs.values() for d in ds), default=None),
         "max_abs_diff": max(abs_diffs, default=None),
         "vector_diff_by_side": {name: max(ds, default=None) for name, ds in diffs.items()},
-        **{f"{name}_s": [round(x, 1) for x in walls[name]] for name in sides},
+        **{f"{name}_s": [round(x, 3) for x in walls[name]] for name in sides},
         **{f"{name}_peak_gib": [round(x / 2**30, 2) for x in peaks[name]] for name in measured},
         "runs": len(configs), "steps": args.steps, "cpus": args.cpus, "model": model, "dtype": args.dtype,
         "ray": not args.without_ray,

@@ -9,6 +9,7 @@ there, and pads every row to the longest input of the pack. Last line JSON:
     {"own_passes_vs_shared_pass": R, ...}    R = shared-pass wall / own-passes wall (> 1: own passes are faster)
 
     python bench/pack_passes.py [--tasks rotten_tomatoes tweets sms_spam trec] [--steps 6] [--threads 2]
+    python bench/pack_passes.py --smoke      # CI: one round of 2 steps (add --model, --tasks)
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import argparse
 import json
 import time
 
-from grid_args import add_pass_args, loaded_backbone
+from grid_args import add_pass_args, loaded_backbone, parse_with_smoke
 
 from tpv.packed import train_pack
 from tpv.train import TrainConfig
@@ -27,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_pass_args(p)
     p.add_argument("--steps", type=int, default=6)
-    args = p.parse_args(argv)
+    args = parse_with_smoke(p, argv, {"rounds": 1, "steps": 2})
 
     backbone = loaded_backbone(args)
     model = backbone.config.model
@@ -46,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"round {r}: {per_pass} prompt(s) per pass: {walls[per_pass][-1]:.1f} s", flush=True)
     diff = max(float((a.tuned - b.tuned).norm() / b.tuned.norm()) for a, b in zip(results[k], results[1]))
     print(json.dumps({"own_passes_vs_shared_pass": round(sum(walls[k]) / sum(walls[1]), 3),
-                      "shared_pass_s": [round(x, 1) for x in walls[k]], "own_passes_s": [round(x, 1) for x in walls[1]],
+                      "shared_pass_s": [round(x, 3) for x in walls[k]], "own_passes_s": [round(x, 3) for x in walls[1]],
                       "max_vector_diff": diff, "prompts": k, "steps": args.steps, "threads": args.threads,
                       "model": model}))
     return 0

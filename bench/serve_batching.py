@@ -8,9 +8,11 @@ alike; each figure is the median over rounds. Scores of the mixed batch are chec
 
     python bench/serve_batching.py [--backbone smollm2-135m-instruct] [--batch 32] [--prompt-length 50]
                                    [--input-tokens 40] [--rounds 7] [--device cpu|cuda]
+    python bench/serve_batching.py --smoke    # CI: one round of a batch of 4 (add --backbone)
 
-Last line: {"mixed_vs_single": R1, "mixed_vs_per_request": R2, "mixed_vs_bare_model": R3, "compose_8_vectors_ms": T}
-(throughput ratios; T = warm time to get an 8-vector composition ready to serve, in ms).
+Last line: {"mixed_vs_single": R1, "mixed_vs_per_request": R2, "mixed_vs_bare_model": R3, "compose_8_vectors_ms": T,
+"batch_ms": {mode: median ms per batch}, "max_mixed_vs_per_request_diff": D} (throughput ratios; T = warm time to get
+an 8-vector composition ready to serve, in ms; D = max |score difference| of the mixed batch from per-request scoring).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import time
 from pathlib import Path
 
 import torch
+from grid_args import parse_with_smoke
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -86,7 +89,7 @@ def main() -> None:
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, = cores)")
-    args = parser.parse_args()
+    args = parse_with_smoke(parser, None, {"rounds": 1, "batch": 4, "prompt_length": 4, "input_tokens": 8})
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -196,6 +199,8 @@ def main() -> None:
         "mixed_vs_per_request": round(thr["mixed"] / thr["per_request"], 3),
         "mixed_vs_bare_model": round(thr["mixed"] / thr["bare"], 3),
         "compose_8_vectors_ms": round(warm_ms, 4),
+        "batch_ms": {m: round(med[m] * 1000, 3) for m in modes},
+        "max_mixed_vs_per_request_diff": diff_alone,
     }))
 
 

@@ -9,10 +9,12 @@ by round so machine noise hits both; figures are medians over rounds.
 
     python bench/serve_generate.py [--backbone smollm2-135m-instruct] [--requests 32] [--tokens 32]
                                    [--prompt-length 50] [--rounds 3] [--threads 2]
+    python bench/serve_generate.py --smoke    # CI: one round of 2 requests x 2 tokens on 2 CPUs (add --backbone)
 
-Last line: {"generate_mixed_vs_per_request": R, "first_token_ms_p50": T}: R = throughput (requests/s) of the
-batched mode over the one-at-a-time mode; T = median time from sending a request to its first streamed text in the
-batched mode, in ms (all requests sent at once: the batch's prefill is in it).
+Last line: {"generate_mixed_vs_per_request": R, "first_token_ms_p50": T, "median_s": {mode: S}, "same_texts": B}:
+R = throughput (requests/s) of the batched mode over the one-at-a-time mode (the ratio of their median seconds S);
+T = median time from sending a request to its first streamed text in the batched mode, in ms (all requests sent at
+once: the batch's prefill is in it); B: both modes generated the same texts.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from pathlib import Path
 
 import httpx2 as httpx  # huggingface_hub (via transformers) installs it: no extra dependency
 import torch
+from grid_args import parse_with_smoke
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -111,7 +114,8 @@ async def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the model replica")
     parser.add_argument("--num-cpus", type=int, default=None)
-    args = parser.parse_args()
+    args = parse_with_smoke(parser, None, {"rounds": 1, "requests": 2, "tokens": 2, "prompt_length": 4,
+                                           "num_cpus": 2, "threads": 1})
 
     import ray
     from ray import serve
@@ -185,7 +189,8 @@ async def main() -> None:
     if not same:
         print("WARNING: the batched texts differ from the one-at-a-time texts")
     print(json.dumps({"generate_mixed_vs_per_request": round(ratio, 3),
-                      "first_token_ms_p50": round(statistics.median(first_ms["mixed"]), 1)}))
+                      "first_token_ms_p50": round(statistics.median(first_ms["mixed"]), 1),
+                      "median_s": {m: round(s, 4) for m, s in med.items()}, "same_texts": same}))
 
 
 if __name__ == "__main__":

@@ -4,10 +4,12 @@ Both sides train the same soft prompt shape on the same examples with AdamW; the
 machine noise hits both alike. PEFT computes logits over every position and the whole vocabulary; tpv only at the
 target positions, and it runs each prompt's positions once per step for all rows (`tpv.packed.pass_prompts`). A
 third side is tpv with the prompt carried through the model on every row, as PEFT does (and tpv did before). Last line:
-{"tpv_vs_peft_step_throughput": R, "prompt_once_vs_per_row": P} (examples/s ratios, > 1 means tpv is faster).
+{"tpv_vs_peft_step_throughput": R, "prompt_once_vs_per_row": P, ...} (examples/s ratios, > 1 means tpv is faster;
+the median over rounds of each round's ratio of the seconds per step in `tpv_s`, `peft_s`, `per_row_s`).
 
     python bench/train_step.py [--backbone smollm2-135m-instruct] [--batch 8] [--prompt-length 20] [--rounds 5]
                                [--prompts K]    # K prompts in one tpv step (a pack) vs K PEFT steps
+    python bench/train_step.py --smoke                # CI: one round of one step on a batch of 2 (add --backbone)
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import statistics
 import time
 
 import torch
+from grid_args import parse_with_smoke
 
 from tpv.backbone import Backbone, BackboneConfig
 from tpv.packed import pass_prompts
@@ -115,7 +118,8 @@ def main() -> None:
     parser.add_argument("--steps-per-round", type=int, default=3)
     parser.add_argument("--prompts", type=int, default=1, help="K prompts per tpv step (a pack), against K PEFT "
                         "steps (PEFT trains one active adapter per forward)")
-    args = parser.parse_args()
+    args = parse_with_smoke(parser, None, {"rounds": 1, "steps_per_round": 1, "batch": 2, "source_tokens": 8,
+                                           "prompt_length": 4})
 
     config = BackboneConfig(model=args.backbone)
     backbone = Backbone.load(config)
@@ -125,10 +129,13 @@ def main() -> None:
     theirs = peft_step(config, args.prompt_length, sources, targets)
     ours(), per_row(), theirs()  # warm-up
     ratios, once_ratios = [], []
+    seconds: dict[str, list[float]] = {"tpv_s": [], "peft_s": [], "per_row_s": []}
     for r in range(args.rounds):
         t_ours = timed(ours, args.steps_per_round) / args.prompts  # per prompt-step
         t_rows = timed(per_row, args.steps_per_round) / args.prompts
         t_theirs = timed(theirs, args.steps_per_round)
+        for key, t in zip(seconds, (t_ours, t_theirs, t_rows)):
+            seconds[key].append(round(t, 6))
         ratios.append(t_theirs / t_ours)
         once_ratios.append(t_rows / t_ours)
         print(f"round {r}: tpv {args.batch / t_ours:.1f} ex/s, tpv with a prompt per row {args.batch / t_rows:.1f} ex/s, "
@@ -136,7 +143,7 @@ def main() -> None:
     print(f"device {backbone.device}, dtype {backbone.dtype}, batch {args.batch}, source tokens {args.source_tokens}, "
           f"prompt {args.prompt_length}, prompts per tpv step {args.prompts}")
     print(json.dumps({"tpv_vs_peft_step_throughput": round(statistics.median(ratios), 3),
-                      "prompt_once_vs_per_row": round(statistics.median(once_ratios), 3)}))
+                      "prompt_once_vs_per_row": round(statistics.median(once_ratios), 3), **seconds}))
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ noise hits both; Ray itself is started once before timing (as a cluster would be
 
     python bench/tune_overhead.py                       # bundled SmolLM2, 4 trials, 2 rounds
     python bench/tune_overhead.py --steps 16 --rounds 3
+    python bench/tune_overhead.py --smoke               # CI: one round, 2 steps, 1 seed (add --model, --tasks)
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from grid_args import add_grid_args, prepared_model
+from grid_args import add_grid_args, parse_with_smoke, prepared_model
 
 
 def serial(configs, store_dir: Path, threads: int) -> float:
@@ -61,10 +62,11 @@ def swept(config, store_dir: Path, results_dir: Path, round_no: int) -> float:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_grid_args(p, ["rotten_tomatoes", "trec"], steps=12, cpus_help="total CPUs of both sides", rounds=2)
-    args = p.parse_args(argv)
+    args = parse_with_smoke(p, argv, {"rounds": 1, "steps": 2, "seeds": [0], "eval_examples": 4})
 
+    from tune_jobs.config import Resources
     from tune_jobs.runtime import init_ray
-    from tune_jobs.sweep import Resources, SweepConfig
+    from tune_jobs.sweep import SweepConfig
 
     model = prepared_model(args)
     train = {"prompt_length": 10, "max_steps": args.steps, "eval_every": max(1, args.steps // 2),
@@ -92,8 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     ratio = sum(tune_walls) / sum(serial_walls)
-    print(json.dumps({"tune_vs_serial_wall": round(ratio, 3), "serial_s": [round(x, 1) for x in serial_walls],
-                      "tune_s": [round(x, 1) for x in tune_walls], "median_ratio": round(
+    print(json.dumps({"tune_vs_serial_wall": round(ratio, 3), "serial_s": [round(x, 3) for x in serial_walls],
+                      "tune_s": [round(x, 3) for x in tune_walls], "median_ratio": round(
                           statistics.median(t / s for t, s in zip(tune_walls, serial_walls)), 3),
                       "trials": len(configs), "steps": args.steps, "cpus": args.cpus, "model": model}))
     return 0
