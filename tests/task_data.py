@@ -21,3 +21,13 @@ def write_builtin_task(task: str, rows: list[dict]) -> None:
 
 def sentiment_rows(suffix: str = "") -> list[dict]:
     return [{"text": t + suffix, "label": 1} for t in POS] + [{"text": t + suffix, "label": 0} for t in NEG]
+
+
+def argmax_accuracy(backbone, prompt, sources: list[str], gold: list[str], labels: list[str]) -> float:
+    """The share of `sources` whose highest-scoring label is the gold one: accuracy from the label scores alone, the
+    oracle of what the evaluation code (batching, metrics, the CLI and scripts around it) reports."""
+    import torch
+
+    with torch.no_grad():
+        best = backbone.score_labels(prompt, sources, labels).argmax(1).tolist()
+    return sum(labels[i] == g for i, g in zip(best, gold)) / len(gold)

@@ -82,7 +82,6 @@ def test_generate_per_row_prompts(which, request):
     a, b = make_origin(bb, 4, 0), make_origin(bb, 4, 7)
     together = bb.generate(torch.stack([a, b]), SOURCES[:2], max_new_tokens=4)
     assert together == [bb.generate(a, SOURCES[:1], 4)[0], bb.generate(b, SOURCES[1:2], 4)[0]]
-    assert all(isinstance(t, str) for t in together)
 
 
 def test_origin_is_reproducible_and_seeded(causal):

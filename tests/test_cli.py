@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from task_data import argmax_accuracy
 from test_train import write_sentiment_task
 
 
@@ -32,6 +33,22 @@ def trained(tmp_path_factory, tiny_causal_path):
     return home, ids
 
 
+def direct_accuracy(home, model, name: str) -> float:
+    """The stored composition's accuracy on the task's rows, from the data file and the label scores alone (the
+    oracle of `tpv eval`: the task, template and metric code out of it)."""
+    from tpv.backbone import Backbone, BackboneConfig
+    from tpv.compose import Composer
+    from tpv.prompt import make_origin
+    from tpv.store import VectorStore
+
+    backbone = Backbone.load(BackboneConfig(model=str(model)))
+    prompt = Composer(VectorStore(home / "store"), lambda n, seed: make_origin(backbone, n, seed)).compose_named(
+        backbone.backbone_id, name)
+    rows = [json.loads(line) for line in (home / "cli_sentiment.jsonl").read_text().splitlines()]
+    return argmax_accuracy(backbone, prompt, [f"review: {r['text']} sentiment:" for r in rows],
+                           [r["label"] for r in rows], ["negative", "positive"])
+
+
 def test_train_list_show_similarity_compose_eval(trained, tiny_causal_path):
     home, ids = trained
     listed = tpv("vectors", "list", home=home)
@@ -46,7 +63,7 @@ def test_train_list_show_similarity_compose_eval(trained, tiny_causal_path):
     assert (home / "p.safetensors").is_file() and "saved composition 'half'" in composed.stdout
     evaluated = tpv("eval", "--task", "cli_sentiment", "--name", "half", "--backbone", str(tiny_causal_path), home=home)
     assert evaluated.returncode == 0, evaluated.stderr
-    assert 0.0 <= json.loads(evaluated.stdout)["accuracy"] <= 1.0
+    assert json.loads(evaluated.stdout)["accuracy"] == direct_accuracy(home, tiny_causal_path, "half")
     exported = tpv("export-peft", ids[0], "--out", str(home / "adapter"), "--backbone", str(tiny_causal_path), home=home)
     assert exported.returncode == 0 and (home / "adapter" / "adapter_config.json").is_file()
     imported = tpv("import-peft", str(home / "adapter"), "--task", "cli_sentiment", "--origin-seed", "0",

@@ -12,7 +12,7 @@ import json
 
 import pytest
 import torch
-from task_data import write_builtin_task
+from task_data import argmax_accuracy, write_builtin_task
 
 from tpv.backbone import Backbone, BackboneConfig, PromptPrefix
 from tpv.evaluate import (PROMPTS_PER_PASS, classification_metrics, evaluate_many, label_groups, label_scores,
@@ -267,8 +267,13 @@ def test_pack_grid_script_stores_every_best_vector_and_snapshot(causal, tasks, t
     summary = json.loads(out.read_text())
     assert sorted((r["task"], r["seed"]) for r in summary["runs"]) == sorted(
         (t, s) for t in (tasks["yesno"], tasks["topic"]) for s in (0, 1))
-    assert all(r["steps"] == 4 and 0.0 <= r["test_accuracy"] <= 1.0 for r in summary["runs"])
     metas = VectorStore(store).list()
+    best = {(m.task, m.origin_seed): VectorStore(store).get(m.vector_id).tensor for m in metas if m.source == "grid"}
+    for r in summary["runs"]:
+        labels, rows = get_task(r["task"]).labels, load_split(r["task"], "test", limit=6)
+        prompt = make_origin(causal, 4, r["seed"]) + best[r["task"], r["seed"]]
+        assert r["steps"] == 4 and r["test_accuracy"] == pytest.approx(argmax_accuracy(
+            causal, prompt, [e.source for e in rows], [labels[e.label] for e in rows], labels)), r
     by_source = {src: sorted((m.task, m.origin_seed) for m in metas if m.source == src) for src in ("grid", "grid@2")}
     assert by_source["grid"] == by_source["grid@2"] and len(by_source["grid"]) == 4
     assert len(metas) == 8

@@ -7,6 +7,7 @@ import time
 import pytest
 import torch
 
+from task_data import argmax_accuracy
 from test_train import write_sentiment_task
 from tpv.backbone import Backbone
 from tpv.bundled import DEFAULT_BACKBONE, resolve_model_path
@@ -42,7 +43,10 @@ def test_train_store_compose_score_on_the_real_model(smol, tmp_path):
     config = TrainConfig(task=task, prompt_length=8, lr=0.3, warmup_steps=1, batch_size=4, max_steps=6,
                          eval_every=3, eval_examples=None, progress=False)
     result = train(config, smol)
-    assert result.steps == 6 and 0.0 <= result.metrics["accuracy"] <= 1.0
+    labels = get_task(task).labels
+    rows = load_split(task, "validation")
+    assert result.steps == 6 and result.metrics["accuracy"] == pytest.approx(argmax_accuracy(
+        smol, result.tuned, [e.source for e in rows], [labels[e.label] for e in rows], labels))
     store = VectorStore(tmp_path / "store")
     vector_id = store.put(result.vector(smol.backbone_id))
     stored = store.get(vector_id)

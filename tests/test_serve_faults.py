@@ -16,8 +16,7 @@ from tpv.store import VectorStore
 
 APP = "tpv-faults-test"
 PREFIX = "/faults"
-WAIT_S = 2.0  # the batch window: requests sit on a replica this long, so a kill (at WAIT_S / 2) finds some in
-# flight even when a loaded machine takes a second to deliver them
+WAIT_S = 2.0  # the batch window: requests sit on a replica this long, so a kill finds some in flight
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +65,20 @@ def _kill(name: str) -> None:
     ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
 
 
+def _until_in_flight(names: list[str], timeout: float = 60) -> None:
+    """Until the named model replicas hold a request (Serve's own count of their ongoing requests): from then a kill
+    cuts requests off mid-batch, however long the machine took to deliver them."""
+    import ray
+
+    actors = [ray.get_actor(name, namespace="serve") for name in names]
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if sum(ray.get([a.get_num_ongoing_requests.remote() for a in actors])) > 0:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"no request reached {names} within {timeout} s")
+
+
 def _until_replicas(n: int, timeout: float = 120) -> list[int]:
     from ray import serve
 
@@ -111,7 +124,7 @@ def test_no_request_is_lost_when_a_model_replica_dies(url):
     resent = requests.get(f"{url}/v1/health", timeout=10).json()["resent"]
 
     def kill():
-        time.sleep(WAIT_S / 2)  # every request is now waiting in a batch on one of the two replicas
+        _until_in_flight([victim])
         _kill(victim)
 
     answers = _send_all(url, bodies, during=kill)
@@ -132,7 +145,7 @@ def test_without_a_model_replica_the_error_is_the_json_shape(url):
         names = _until_replicas(2)
 
         def kill_all():
-            time.sleep(WAIT_S / 2)
+            _until_in_flight(names)
             for name in names:
                 _kill(name)
 

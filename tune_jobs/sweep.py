@@ -218,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     config = config_from_args(SweepConfig, args, ("name", "tasks", "seeds", "backbones", "preset", "max_failures",
                                                   "verbose"), required=("tasks",))
+    config.train_configs()  # a bad --set is one clear error before any warning
     held_out("tpv sweep", config.tasks, config.seeds)
     start_ray(args)
     outcome = run_sweep(config)
