@@ -253,7 +253,8 @@ BAD_CONFIGS = [
     (sentiment_config({"path": "sent.csv"}, template="no fields"), r"template: it names no field"),
     (sentiment_config({"path": "sent.csv"}, max_chars={"body": 10}), r"max_chars: 'body' is not a template field"),
     (sentiment_config({"path": "sent.csv"}, lables=["neg", "pos"]), r"lables: Extra inputs are not permitted"),
-    (sentiment_config({"path": "sent.csv"}, name="../evil"), r"name: String should match pattern"),
+    (sentiment_config({"path": "sent.csv"}, name="../evil"), r"name: .*invalid name '../evil'"),
+    (sentiment_config({"path": "sent.csv"}, name="a..b"), r"name: .*invalid name 'a\.\.b'"),
     (sentiment_config({"path": "sent.csv"}, split={"group_field": "user"}), r"split\.group_field: column 'user'"),
     ({"name": "x", "template": "{text}", "metric": "accuracy", "labels": ["a", "b"]}, r"data: Field required"),
 ]

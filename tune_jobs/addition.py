@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from tpv.backbone import BackboneConfig, backbone_id_for
 from tpv.bundled import DEFAULT_BACKBONE
+from tpv.names import Name
 from tpv.paths import atomic_write
 from tpv.tasks import require_data
 from tune_jobs.config import JobConfig, add_resource_args, config_from_args, start_ray
@@ -48,7 +49,7 @@ WEIGHT_SEARCH = ("weight_samples", "weight_range")
 class AdditionConfig(JobConfig):
     """An addition experiment; loadable from YAML, flags override."""
 
-    name: str = Field("addition", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    name: Name = "addition"
     tasks: list[str] = Field(min_length=2, description="source tasks with stored vectors")
     combinations: list[list[str]] | None = Field(None, description="default: every pair, and all tasks together")
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1,

@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from tpv.config_merge import deep_merge  # re-exported: the jobs merge configs with the library's one rule
 from tpv.errors import InvalidInput
+from tpv.names import Name
 from tune_jobs.locations import Locations
 
 
@@ -47,7 +48,7 @@ class JobConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    name: Name
     resources: Resources = Field(default_factory=Resources)
     max_failures: int = Field(2, ge=0, description="retries of a dead trial, each from its last checkpoint")
     locations: Locations = Field(default_factory=Locations)

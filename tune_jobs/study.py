@@ -40,6 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from tpv.backbone import BackboneConfig
 from tpv.bundled import DEFAULT_BACKBONE
+from tpv.names import Name
 from tpv.paths import atomic_write
 from tpv.tasks import require_data
 from tpv.train import PRESETS, PresetName, TrainConfig, snapshot_source
@@ -66,7 +67,7 @@ from tune_jobs.verdicts import ALPHA, ClaimVerdict, claim1, claim2
 class StudyConfig(JobConfig):
     """A recipe study; loadable from YAML, flags override."""
 
-    name: str = Field("study", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    name: Name = "study"
     tasks: list[str] = Field(min_length=2, description="source tasks")
     seeds: list[int] = Field(default_factory=lambda: [0, 1], min_length=2, description="origin seeds")
     target: str = Field(description="held-out target of the zero-shot test (never one of the tasks)")

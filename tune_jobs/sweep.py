@@ -23,6 +23,7 @@ from pydantic import Field, field_validator
 
 from tpv.backbone import backbone_id_for
 from tpv.bundled import DEFAULT_BACKBONE
+from tpv.names import Name
 from tpv.paths import atomic_write
 from tpv.tasks import require_data
 from tpv.train import PRESETS, PresetName, TrainConfig
@@ -44,7 +45,7 @@ from tune_jobs.trial import TrialSpec, stored_pairs, train_trial
 class SweepConfig(JobConfig):
     """A sweep; loadable from YAML (`--config`), every field overridable on the command line."""
 
-    name: str = Field("sweep", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    name: Name = "sweep"
     tasks: list[str] = Field(min_length=1)
     seeds: list[int] = Field(default_factory=lambda: [0, 1], min_length=1)
     backbones: list[str] = Field(default_factory=lambda: [DEFAULT_BACKBONE], min_length=1)

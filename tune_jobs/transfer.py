@@ -38,6 +38,7 @@ from pydantic import Field
 
 from tpv.backbone import backbone_id_for
 from tpv.bundled import DEFAULT_BACKBONE
+from tpv.names import Name
 from tpv.paths import atomic_write
 from tpv.tasks import require_data
 from tpv.train import PRESETS, InitSpec, PresetName, TrainConfig
@@ -79,7 +80,7 @@ DEFAULT_GROUPS: dict[str, list[str]] = {
 class TransferConfig(JobConfig):
     """A transfer experiment; loadable from YAML, flags override."""
 
-    name: str = Field("transfer", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    name: Name = "transfer"
     targets: dict[str, list[str]] = Field(default_factory=lambda: dict(DEFAULT_GROUPS),
                                           description="target task -> its source tasks")
     shots: list[int] = Field(default_factory=lambda: [0, 8, 32, 128], description="examples per class; 0 = none")

@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tpv.backbone import BackboneConfig, backbone_id_for
 from tpv.bundled import DEFAULT_BACKBONE
+from tpv.names import Name
 from tpv.paths import atomic_write
 from tpv.tasks import require_data
 from tune_jobs.config import JobConfig, add_resource_args, config_from_args, start_ray
@@ -71,7 +72,7 @@ class WeightSearchConfig(JobConfig):
     vectors_source: str | None = Field(None, description="task sources: only vectors this job wrote "
                                        "(VectorMeta.source)")
     vector_seeds: list[int] | None = Field(None, description="task sources: only vectors of these origin seeds")
-    name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+    name: Name | None = Field(None,
                              description="composition name in the store (default '<target>-tpv')")
     backbone: str = DEFAULT_BACKBONE
     max_source_tokens: int | None = Field(None, description="default: as the source vectors were trained")

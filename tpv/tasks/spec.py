@@ -17,6 +17,7 @@ from pydantic import (
 
 from tpv.errors import InvalidInput, Unavailable
 from tpv.metrics import CLASSIFICATION_METRICS, GENERATION_METRICS, REGRESSION_METRICS
+from tpv.names import Name
 
 Split = Literal["train", "validation", "test"]
 SPLITS: tuple[Split, ...] = ("train", "validation", "test")
@@ -110,7 +111,7 @@ class TaskSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=100)
+    name: Name
     family: str = "user"
     description: str = ""
     source: str = ""  # where the rows come from (package, file)
