@@ -31,6 +31,7 @@ DELEGATED = {
     "study": "tune_jobs.study:main",
     "addition": "tune_jobs.addition:main",
     "demo": "tune_jobs.main_job:main",
+    "reproduce": "tune_jobs.reproduce:main",
     "serve": "serve.app:main",
 }
 
