@@ -32,10 +32,10 @@ def tasks(tmp_path_factory) -> list[str]:
     return names
 
 
-def bench(script: str, *args: str) -> dict:
+def bench(script: str, *args: str, timeout_s: float = TIMEOUT_S) -> dict:
     """The last line of `python bench/<script> --smoke ARGS`, parsed as JSON (the run must exit 0)."""
     run = subprocess.run([sys.executable, str(BENCH / script), "--smoke", *args], capture_output=True, text=True,
-                         timeout=TIMEOUT_S, env={**os.environ, "RAY_DEDUP_LOGS": "0"})
+                         timeout=timeout_s, env={**os.environ, "RAY_DEDUP_LOGS": "0"})
     assert run.returncode == 0, f"{script} exited {run.returncode}:\n{run.stdout[-3000:]}\n{run.stderr[-5000:]}"
     return json.loads(run.stdout.strip().splitlines()[-1])
 
@@ -96,3 +96,23 @@ def test_serve_generate(tiny_causal_path):
     assert_ratio(out["generate_mixed_vs_per_request"], [out["median_s"]["per_request"]], [out["median_s"]["mixed"]],
                  digits=4)
 
+
+
+HOSTILE_P99S = ("unloaded_valid_p99_s", "unloaded_health_p99_s", "flood_valid_p99_s", "flood_health_p99_s",
+                "drip_valid_p99_s", "drip_health_p99_s")
+
+
+def test_serve_load(tiny_causal_path):
+    """Every phase once: steady load with malformed requests, a flood of costly bodies and a crowd of drippers
+    (health and valid requests measured during each), a model replica killed under load. Two apps and three
+    replicas start and one is replaced: minutes on a busy 2-core machine, hence the longer timeout."""
+    out = bench("serve_load.py", "--backbone", str(tiny_causal_path), timeout_s=2 * TIMEOUT_S)
+    assert out["valid_errors"] == 0 and out["malformed_not_4xx"] == 0 and out["overhead_errors"] == 0
+    assert out["errors_during_fault"] == 0 and out["errors_after_recovery"] == 0 and out["recovery_s"] > 0
+    assert out["hostile_valid_errors"] == 0 and out["hostile_health_errors"] == 0
+    for key in HOSTILE_P99S:
+        assert math.isfinite(out[key]) and out[key] > 0, (key, out[key])
+    # every costly in-limit body refused with a short 422; the drippers beyond the slots cut off with 408, no other answer
+    assert out["flood_bodies"] == 4 and out["flood_not_422"] == 0
+    assert out["drips"] == out["slow_body_slots"] + 4 and out["drip_cut_off"] >= 1 and out["drip_not_408"] == 0
+    assert out["split_p50_ms"] > 0 and out["p99_ms"] >= out["p50_ms"] > 0
