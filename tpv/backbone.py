@@ -41,11 +41,17 @@ class BackboneConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str = Field(DEFAULT_BACKBONE, description="a bundled name or a local from_pretrained folder")
+    model: str = Field(DEFAULT_BACKBONE, description="a bundled name, a local from_pretrained folder, or a hub id "
+                       "(t5-base, meta-llama/Llama-3.1-8B-Instruct) in the HF cache: tpv.hub_models")
     device: str | None = Field(None, description="cpu, cuda, cuda:1...; None picks cuda when available")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     max_source_tokens: int = Field(256, ge=8, description="longer sources keep their last tokens")
     max_target_tokens: int = Field(16, ge=1)
+    gradient_checkpointing: bool = Field(
+        False, description="training recomputes every layer's activations in the backward pass instead of keeping "
+        "them (tpv.packed.recomputed_layers: exact, one more forward per step); for a large backbone whose step "
+        "would not fit otherwise",
+    )
 
     @classmethod
     def as_trained(cls, model: str, train_config: Mapping[str, Any], max_source_tokens: int | None = None
@@ -132,11 +138,23 @@ def _prefix_free(rows: list[list[int]]) -> bool:
 
 
 def backbone_id_for(name_or_path: str) -> str:
-    """A store-safe name: the bundled name, or the folder's base name lower-cased."""
+    """A store-safe name: the bundled name; for a hub id (`owner/name`, not an existing path) owner and name
+    lower-cased and joined by '--' as the HF cache names repositories (`meta-llama--llama-3.1-8b-instruct`); else
+    the folder's base name lower-cased (a bare hub name such as `t5-base` reads the same either way)."""
+    from pathlib import Path
+
+    from tpv.hub_models import looks_like_hub_id
+
     if name_or_path in BUNDLED:
         return name_or_path
-    base = name_or_path.rstrip("/").split("/")[-1].lower()
-    return "".join(c if c.isalnum() or c in "-_." else "-" for c in base).strip(".") or "model"
+    if "/" in name_or_path and not Path(name_or_path).expanduser().exists() and looks_like_hub_id(name_or_path):
+        base = name_or_path.lower().replace("/", "--")
+    else:
+        base = name_or_path.rstrip("/").split("/")[-1].lower()
+    safe = "".join(c if c.isalnum() or c in "-_." else "-" for c in base).strip(".")
+    while ".." in safe:
+        safe = safe.replace("..", ".")
+    return safe or "model"
 
 
 class Backbone:

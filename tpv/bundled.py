@@ -1,6 +1,6 @@
 """Backbones that ship inside pip packages, prepared once into plain safetensors folders.
 
-Nothing here reaches a model hub. The bundled packages carry GGUF files; transformers dequantizes them in ~20 s,
+Nothing here reaches a model hub (hub ids resolve through `tpv.hub_models`, from the HF cache). The bundled packages carry GGUF files; transformers dequantizes them in ~20 s,
 so we do that once and keep a plain `save_pretrained` copy under `models_dir()`: later loads take well under a
 second and give identical logits. Several Ray trials may start at once, so the copy is written to a temp folder
 and renamed into place (the first finisher wins, the others discard theirs).
@@ -57,15 +57,23 @@ class BackboneNotFound(Unavailable, FileNotFoundError):
 
 
 def resolve_model_path(name_or_path: str) -> Path:
-    """A loadable `from_pretrained` folder for a bundled name or a local path."""
+    """A loadable `from_pretrained` folder for a bundled name, a local path, or a hub id in the user's HF cache.
+
+    In that order: a bundled name, then an existing folder with a config.json (so a folder `t5-base` in the working
+    directory wins over the hub's), then a string that reads as a hub id (`name` or `owner/name`): its snapshot in
+    the HF cache, downloaded only when the user allows it (`tpv.hub_models`)."""
     if name_or_path in BUNDLED:
         return _prepared(BUNDLED[name_or_path])
     path = Path(name_or_path).expanduser()
     if path.is_dir() and (path / "config.json").exists():
         return path
+    from tpv.hub_models import looks_like_hub_id, resolve_hub_model
+
+    if not path.exists() and looks_like_hub_id(name_or_path):
+        return resolve_hub_model(name_or_path)
     raise BackboneNotFound(
-        f"backbone {name_or_path!r} is neither a bundled model ({', '.join(BUNDLED)}) nor a local folder with a "
-        "config.json (tpv never downloads weights: point it at a local copy)"
+        f"backbone {name_or_path!r} is neither a bundled model ({', '.join(BUNDLED)}), a local folder with a "
+        "config.json, nor a hub id (name or owner/name)"
     )
 
 

@@ -24,10 +24,10 @@ from tpv.backbone import Backbone, BackboneConfig
 from tpv.compose import Composer, CompositionSpec
 from tpv.config_merge import deep_merge
 from tpv.errors import InvalidInput
-from tpv.evaluate import evaluate_many
+from tpv.evaluate import EvalMode, evaluate_many
 from tpv.prompt import make_origin
 from tpv.store import VectorStore
-from tpv.tasks import Example, TaskConfigError, few_shot, get_task, load_split
+from tpv.tasks import Example, TaskConfigError, UnknownTaskError, few_shot, get_task, load_split
 from tpv.vectors import TaskPromptVector
 
 
@@ -78,6 +78,10 @@ class TrainConfig(BaseModel):
         "proportion to its gradient (as with SGD) instead of by about lr whatever the gradient's size",
     )
     warmup_steps: int = Field(500, ge=0)
+    warmup_ratio: float | None = Field(
+        None, ge=0, lt=1, description="warmup as a fraction of the run's steps (ceil(ratio x steps), as transformers "
+        "counts it), instead of warmup_steps; None: warmup_steps",
+    )
     schedule: Literal["linear", "cosine", "constant"] | None = Field(None, description="None: linear seq2seq, cosine causal")
     batch_size: int = Field(32, ge=1)
     epochs: float = Field(10, gt=0)
@@ -88,6 +92,11 @@ class TrainConfig(BaseModel):
     eval_every: int = Field(200, ge=1)
     eval_examples: int | None = Field(1000, ge=1, description="validation examples per evaluation (None: all)")
     eval_batch_size: int = Field(32, ge=1)
+    eval_mode: EvalMode = Field(
+        "rank", description="how validation scores classification, and so which prompt is kept: rank (the label "
+        "likelihoods) or generate (the paper's: the greedy text matched exactly against the label words); tasks "
+        "without labels are generated either way (tpv.evaluate)",
+    )
     patience: int | None = Field(None, ge=1, description="stop after this many evaluations without improvement")
     grad_clip: float = Field(1.0, gt=0)
     loss: Literal["lm", "label"] = Field(
@@ -97,6 +106,25 @@ class TrainConfig(BaseModel):
     init: InitSpec = Field(default_factory=InitSpec)
     progress: bool = True
 
+    @model_validator(mode="after")
+    def _loss_fits_task(self) -> TrainConfig:
+        if self.loss == "label":
+            try:
+                task = get_task(self.task)
+            except UnknownTaskError:  # registered later (a worker's own tasks): the run's start checks it again
+                return self
+            if not task.labels:
+                raise ValueError(f"loss 'label' needs a classification task; {self.task!r} has no label set "
+                                 "(loss=lm trains on its target text)")
+        return self
+
+    @model_validator(mode="after")
+    def _one_warmup(self) -> TrainConfig:
+        if self.warmup_ratio is not None and "warmup_steps" in self.model_fields_set and self.warmup_steps:
+            raise ValueError(f"warmup_steps={self.warmup_steps} and warmup_ratio={self.warmup_ratio} both set: give "
+                             "one (warmup_ratio=null to count warmup in steps)")
+        return self
+
     @classmethod
     def preset(cls, name: PresetName, task: str, **overrides: Any) -> TrainConfig:
         """A named recipe (PRESETS) for `task`, with TrainConfig fields overriding it."""
@@ -105,10 +133,22 @@ class TrainConfig(BaseModel):
         return cls.model_validate(deep_merge({**PRESETS[name], "task": task}, overrides))
 
 
-PresetName = Literal["paper", "causal", "causal_cpu"]
+PresetName = Literal["paper", "t5_paper", "llm_paper", "causal", "causal_cpu"]
+#: the paper's T5 recipe (arXiv 2408.01119, its T5-base runs): prompt length 50, AdamW at lr 0.3 with weight decay
+#: 1e-5, a linear schedule after 500 warmup steps, batch 32, 10 epochs. These are the TrainConfig defaults too.
+T5_PAPER: dict[str, Any] = dict(prompt_length=50, lr=0.3, weight_decay=1e-5, warmup_steps=500, schedule="linear",
+                                batch_size=32, epochs=10)
 PRESETS: dict[str, dict[str, Any]] = {
-    # the paper's T5 recipe (the TrainConfig defaults): the seq2seq preset
+    # the paper's T5 recipe, named: the seq2seq preset
+    "t5_paper": T5_PAPER,
+    # the same recipe by its older name: the TrainConfig defaults, whose prompt length and schedule follow the
+    # backbone (50 / linear on seq2seq, 100 / cosine on causal)
     "paper": {},
+    # the paper's recipe for its LLMs (Llama-3.1-8B-Instruct, DeepSeek-LLM-7B-Chat): prompt length 100, lr 0.3, a
+    # cosine schedule after 3% of the steps as warmup, batch 4, the backbone in bf16 (docs/BACKBONES.md: what an
+    # 8B model needs on one GPU); the epochs and weight decay are the T5 recipe's
+    "llm_paper": dict(prompt_length=100, lr=0.3, weight_decay=1e-5, warmup_ratio=0.03, schedule="cosine", batch_size=4,
+                      epochs=10, backbone={"dtype": "bfloat16"}),
     # the causal-LM recipe `tpv study` adopted on the bundled SmolLM2-135M (docs/RESULTS.md, section 1): the
     # label-set loss, Adam at lr 0.03, a cosine schedule after 20 warmup steps. This mid budget (300 steps) is the
     # same shape over more steps (studied at 300 steps too: RESULTS, "The LM loss at the mid budget"); start a new
@@ -218,7 +258,7 @@ def _composed_init(config: TrainConfig, backbone: Backbone, origin: Tensor, stor
     prompts = [composer.compose(CompositionSpec(**{**fields, "coefficient": c})) for c in grid]
     task, dev = get_task(config.task), load_split(config.task, "validation", limit=config.eval_examples, seed=0)
     scores = evaluate_many(backbone, [p.to(backbone.device) for p in prompts], [task] * len(grid), [dev] * len(grid),
-                           config.eval_batch_size)
+                           config.eval_batch_size, modes=config.eval_mode)
     best = choose_coefficient([{"coefficient": c, "mean": m[task.metric], "label_logprob": m.get("label_logprob", 0.0)}
                                for c, m in zip(grid, scores)])
     return prompts[grid.index(best["coefficient"])]
@@ -264,7 +304,7 @@ def training_examples(config: TrainConfig) -> list[Example]:
 
 def _schedule(config: TrainConfig, backbone: Backbone, total: int) -> Callable[[int], float]:
     kind = config.schedule or ("linear" if backbone.is_seq2seq else "cosine")
-    warmup = min(config.warmup_steps, max(total - 1, 0))
+    warmup = min(warmup_steps_for(config, total), max(total - 1, 0))
 
     def factor(step: int) -> float:
         if step < warmup:
@@ -277,6 +317,13 @@ def _schedule(config: TrainConfig, backbone: Backbone, total: int) -> Callable[[
         return 1.0
 
     return factor
+
+
+def warmup_steps_for(config: TrainConfig, total: int) -> int:
+    """The warmup of a run of `total` steps: ceil(warmup_ratio x total) when a ratio is set, else warmup_steps."""
+    if config.warmup_ratio is not None:
+        return math.ceil(config.warmup_ratio * total)
+    return config.warmup_steps
 
 
 def total_steps(config: TrainConfig, n_train: int) -> int:
@@ -316,4 +363,4 @@ def train(
             callback(e.step, e.metrics, e.state)
 
     return train_pack([config], backbone, store, on_eval=report if callback is not None else None,
-                      resume=[resume])[0]
+                      resume=[resume], recompute=config.backbone.gradient_checkpointing)[0]
