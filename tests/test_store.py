@@ -695,7 +695,7 @@ def test_store_identity_is_made_once_and_agreed_by_racing_processes(tmp_path):
     procs = [ctx.Process(target=_make_identity, args=(folder, queue)) for _ in range(4)]
     for p in procs:
         p.start()
-    ids = {queue.get(timeout=60) for _ in procs}
+    ids = {queue.get(timeout=300) for _ in procs}  # spawned processes import torch: minutes on a loaded 2-core box
     for p in procs:
         p.join()
     assert len(ids) == 1
@@ -721,3 +721,22 @@ def test_a_corrupt_identity_file_is_reported_not_replaced(tmp_path):
     with pytest.raises(CorruptVector, match="store id"):
         VectorStore(tmp_path).identity()
     assert (tmp_path / "store.json").read_text() == "{not json"
+
+
+def test_reading_the_legacy_layout_warns_once_per_store(tmp_path, caplog):
+    """The legacy layout is deprecated: one warning naming the migration, however many legacy entries are read,
+    and none for a store of the current layout."""
+    legacy = [_vec(i) for i in range(3)]
+    for v in legacy:
+        _write_legacy(tmp_path / "old", v)
+    current = VectorStore(tmp_path / "new")
+    current.put(_vec(9))
+    with caplog.at_level("WARNING", logger="tpv.store"):
+        current.list()
+        assert not [r for r in caplog.records if "legacy layout" in r.getMessage()]
+        store = VectorStore(tmp_path / "old")
+        store.list()
+        for v in legacy:
+            store.get(v.vector_id)
+    warned = [r.getMessage() for r in caplog.records if "legacy layout" in r.getMessage()]
+    assert len(warned) == 1 and "tpv store migrate" in warned[0], warned

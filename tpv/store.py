@@ -21,7 +21,9 @@ reads safetensors headers only, never tensor data; it skips an entry it cannot r
 
 Legacy layout (tensor-only `{vector_id}.safetensors` + `{vector_id}.json`) is still read; a self-describing file wins
 over a leftover JSON, a legacy tensor without its JSON (a killed legacy writer) is invisible, and `migrate()`
-(`tpv store migrate`) rewrites legacy entries in place. Only the new layout is ever written.
+(`tpv store migrate`) rewrites legacy entries in place. Only the new layout is ever written. Reading the legacy
+layout is deprecated: the first legacy entry a store instance reads logs one warning naming `tpv store migrate`;
+the next release reads only the new layout.
 """
 
 from __future__ import annotations
@@ -232,6 +234,7 @@ class VectorStore:
             self.fs, root = pafs.LocalFileSystem(), str(pathlib.Path(uri).expanduser().absolute())
         self.uri = uri
         self.root = root.rstrip("/") or "/"
+        self._warned_legacy = False  # one deprecation warning per instance, not one per legacy entry read
 
     def __repr__(self) -> str:
         return f"VectorStore({self.uri!r})"
@@ -366,10 +369,17 @@ class VectorStore:
             if legacy is not None:
                 if head is None:
                     raise CorruptVector(f"{stem}{_LEGACY_EXT} exists but its tensor {path} is missing")
+                self._warn_legacy()
                 return _meta_at(legacy, stem), head[1]
             if head is None:
                 return None
         return None  # a legacy tensor without JSON, twice
+
+    def _warn_legacy(self) -> None:
+        if not self._warned_legacy:
+            self._warned_legacy = True
+            logger.warning("store %s holds entries in the legacy layout (tensor + JSON), deprecated: reading them "
+                           "goes in the next release; run `tpv store migrate --store %s` once", self.uri, self.uri)
 
     def _load(self, stem: str) -> TaskPromptVector | None:
         """The verified vector at `stem`, or None (see `_entry`)."""
