@@ -112,7 +112,7 @@ def test_serve_load(tiny_causal_path):
     assert out["hostile_valid_errors"] == 0 and out["hostile_health_errors"] == 0
     for key in HOSTILE_P99S:
         assert math.isfinite(out[key]) and out[key] > 0, (key, out[key])
-    # every costly in-limit body refused with a short 422; the drippers beyond the slots cut off with 408, no other answer
+    # every costly in-limit body refused with a short 422; drippers beyond the slots cut off (408), no other answer
     assert out["flood_bodies"] == 4 and out["flood_not_422"] == 0
     assert out["drips"] == out["slow_body_slots"] + 4 and out["drip_cut_off"] >= 1 and out["drip_not_408"] == 0
     assert out["split_p50_ms"] > 0 and out["p99_ms"] >= out["p50_ms"] > 0
