@@ -2,12 +2,12 @@
 
 Plain Python (no Ray import) so it is tested directly; `serve.app` wraps it in `@serve.batch`.
 
-- `PromptCache`: LRU of `PromptEntry` (the composed prompt [L, d] on the model's device, and for causal backbones
-  its attention keys/values `PromptPrefix`), bounded in entries AND bytes, keyed by (store version, the
-  composition's canonical spec). A composition is composed and its prefix computed once per store version, never
-  per row or per request.
-- `StoreWatcher`: polls `store.version()` at most every `interval_s`; on a change the composer's cache and the
-  prompt cache are dropped, so a vector or named composition replaced in the store is never served stale after
+- `prompt_cache`: the `tpv.cache.BoundedLRU` of `PromptEntry` (the composed prompt [L, d] on the model's device,
+  and for causal backbones its attention keys/values `PromptPrefix`), bounded in entries AND bytes, keyed by
+  (store version, the composition's canonical spec). A composition is composed and its prefix computed once per
+  store version, never per row or per request.
+- `tpv.cache.StoreWatcher`: polls `store.version()` at most every `interval_s`; on a change the composer's cache and
+  the prompt cache are dropped, so a vector or named composition replaced in the store is never served stale after
   the reload window.
 - `score_batch`: many (composition, sources, labels) requests -> ONE `backbone.score_labels` forward per prompt
   length, rows of different compositions stacked with a per-row prefix (causal, on a CPU) or a per-row prompt
@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from tpv.backbone import Backbone, PromptPrefix
+from tpv.cache import BoundedLRU, StoreWatcher
 from tpv.compose import Composer, CompositionSpec
 from tpv.generate import Delta, SamplingParams, decode
 from tpv.prompt import make_origin
@@ -39,7 +40,7 @@ from tpv.store import VectorStore
 from tpv.vectors import VectorMeta
 
 __all__ = [
-    "BatchReport", "GenerateItem", "PromptCache", "PromptEntry", "PromptServer", "ScoreItem", "StoreWatcher",
+    "BatchReport", "GenerateItem", "PromptEntry", "PromptServer", "ScoreItem", "prompt_cache",
     "generate_batch", "score_batch",
 ]
 
@@ -65,97 +66,9 @@ class PromptEntry:
         return size + (self.prefix.nbytes() if self.prefix is not None else 0)
 
 
-class PromptCache:
-    """LRU of PromptEntry keyed by (store version, canonical spec), bounded in entries and bytes. Thread-safe."""
-
-    def __init__(self, max_entries: int = 256, max_bytes: int = 1 << 30) -> None:
-        if max_entries < 0 or max_bytes < 0:
-            raise ValueError(f"cache bounds must be >= 0, got max_entries={max_entries}, max_bytes={max_bytes}")
-        self.max_entries = max_entries
-        self.max_bytes = max_bytes
-        self._data: OrderedDict[tuple[str, str], PromptEntry] = OrderedDict()
-        self._bytes = 0
-        self._lock = threading.Lock()
-        self.hits = self.misses = self.evictions = 0
-
-    def get(self, key: str, version: str) -> PromptEntry | None:
-        with self._lock:
-            entry = self._data.get((version, key))
-            if entry is None:
-                self.misses += 1
-                return None
-            self._data.move_to_end((version, key))
-            self.hits += 1
-            return entry
-
-    def put(self, entry: PromptEntry) -> None:
-        size = entry.nbytes()
-        with self._lock:
-            if size > self.max_bytes or self.max_entries == 0:
-                return  # too big to keep: served once, rebuilt next time
-            old = self._data.pop((entry.version, entry.key), None)
-            if old is not None:
-                self._bytes -= old.nbytes()
-            self._data[(entry.version, entry.key)] = entry
-            self._bytes += size
-            while len(self._data) > self.max_entries or self._bytes > self.max_bytes:
-                _, evicted = self._data.popitem(last=False)
-                self._bytes -= evicted.nbytes()
-                self.evictions += 1
-
-    def drop_versions_except(self, version: str | None) -> int:
-        """Forget entries built at any other store version (they can never be hit again); returns how many."""
-        with self._lock:
-            stale = [k for k in self._data if k[0] != version]
-            for k in stale:
-                self._bytes -= self._data.pop(k).nbytes()
-            return len(stale)
-
-    def resize(self, max_entries: int, max_bytes: int) -> None:
-        with self._lock:
-            self.max_entries, self.max_bytes = max_entries, max_bytes
-            while self._data and (len(self._data) > max_entries or self._bytes > max_bytes):
-                _, evicted = self._data.popitem(last=False)
-                self._bytes -= evicted.nbytes()
-                self.evictions += 1
-
-    def __len__(self) -> int:
-        return len(self._data)
-
-    def info(self) -> dict[str, int]:
-        with self._lock:
-            return {
-                "entries": len(self._data), "bytes": self._bytes, "max_entries": self.max_entries,
-                "max_bytes": self.max_bytes, "hits": self.hits, "misses": self.misses, "evictions": self.evictions,
-            }
-
-
-class StoreWatcher:
-    """Cheap change detection: `store.version()` at most every `interval_s` seconds (0 = on every check)."""
-
-    def __init__(self, store: VectorStore, interval_s: float, on_change: Callable[[str], None]) -> None:
-        if not interval_s >= 0:
-            raise ValueError(f"reload interval must be >= 0 seconds, got {interval_s}")
-        self.store = store
-        self.interval_s = float(interval_s)
-        self.on_change = on_change
-        self._lock = threading.Lock()
-        self.version = store.version()
-        self.checked_at = time.monotonic()
-        self.reloads = 0
-
-    def check(self, force: bool = False) -> str:
-        """The current store version (polling the store if the interval has passed)."""
-        with self._lock:
-            now = time.monotonic()
-            if force or now - self.checked_at >= self.interval_s:
-                self.checked_at = now
-                version = self.store.version()
-                if version != self.version:
-                    self.version = version
-                    self.reloads += 1
-                    self.on_change(version)
-            return self.version
+def prompt_cache(max_entries: int, max_bytes: int) -> BoundedLRU[tuple[str, str], PromptEntry]:
+    """The replica's one prompt cache: PromptEntry by (store version, canonical spec), bounded in entries and bytes."""
+    return BoundedLRU(max_entries, max_bytes, PromptEntry.nbytes)
 
 
 # ---- one forward for many compositions -------------------------------------------------------------------------
@@ -322,29 +235,28 @@ class PromptServer:
     ) -> None:
         self.backbone = backbone
         self.store = store
-        self._origins: dict[tuple[int, int], Tensor] = {}
-        # ONE cache per replica: the PromptCache keeps the finished entries (prompt + prefix); the composer's own
+        self._origins: BoundedLRU[tuple[int, int], Tensor] = BoundedLRU(64)  # (L, seed) -> origin [L, d]
+        # ONE cache per replica: the prompt cache keeps the finished entries (prompt + prefix); the composer's own
         # cache is switched off, else the same byte bound would be spent twice
         self.composer = Composer(store, self._origin, max_entries=0, max_bytes=0)
-        self.cache = PromptCache(cache_max_entries, cache_max_bytes)
+        self.cache = prompt_cache(cache_max_entries, cache_max_bytes)
         self._lock = threading.Lock()
-        self._named: dict[tuple[str, str], CompositionSpec] = {}
+        self._named: BoundedLRU[tuple[str, str], CompositionSpec] = BoundedLRU(1024)  # (version, name) -> spec
         self._metas: tuple[str, list[VectorMeta]] | None = None
         self.watcher = StoreWatcher(store, reload_interval_s, self._on_store_change)
 
     def _origin(self, length: int, seed: int) -> Tensor:
-        key = (length, seed)
-        if key not in self._origins:
-            if len(self._origins) > 64:
-                self._origins.clear()
-            self._origins[key] = make_origin(self.backbone, length, seed)
-        return self._origins[key]
+        origin = self._origins.get((length, seed))
+        if origin is None:
+            origin = make_origin(self.backbone, length, seed)
+            self._origins.put((length, seed), origin)
+        return origin
 
     def _on_store_change(self, version: str) -> None:
         self.composer.invalidate()
-        self.cache.drop_versions_except(version)
+        for cache in (self.cache, self._named):  # entries of other versions can never be hit again
+            cache.drop(lambda key: key[0] != version)
         with self._lock:
-            self._named.clear()
             self._metas = None
 
     def configure(self, *, reload_interval_s: float, cache_max_entries: int, cache_max_bytes: int) -> None:
@@ -356,7 +268,7 @@ class PromptServer:
 
     def cached(self, spec: CompositionSpec) -> PromptEntry | None:
         """The cached entry at the current store version, or None (cheap: no model or file work)."""
-        return self.cache.get(spec.canonical(), self.version())
+        return self.cache.get((self.version(), spec.canonical()))
 
     @torch.no_grad()
     def entry(self, spec: CompositionSpec) -> PromptEntry:
@@ -364,28 +276,23 @@ class PromptServer:
         Raises the composer's errors (UnknownVector, NotFound, CompositionError) for bad specs."""
         version = self.version()
         key = spec.canonical()
-        cached = self.cache.get(key, version)
+        cached = self.cache.get((version, key))
         if cached is not None:
             return cached
         prompt = self.composer.compose(spec).to(self.backbone.device, self.backbone.dtype)
         prefix = None if self.backbone.is_seq2seq else self.backbone.prefix(prompt.unsqueeze(0))
         entry = PromptEntry(key=key, version=version, prompt=prompt, prefix=prefix)
         if version == self.watcher.version:  # the store moved on while building: serve it, do not keep it
-            self.cache.put(entry)
+            self.cache.put((version, key), entry)
         return entry
 
     def named(self, name: str) -> CompositionSpec:
         """A stored composition's spec, read once per store version."""
         version = self.version()
-        with self._lock:
-            hit = self._named.get((version, name))
-        if hit is not None:
-            return hit
-        spec = self.composer.named(self.backbone.backbone_id, name)
-        with self._lock:
-            if len(self._named) > 1024:
-                self._named.clear()
-            self._named[(version, name)] = spec
+        spec = self._named.get((version, name))
+        if spec is None:
+            spec = self.composer.named(self.backbone.backbone_id, name)
+            self._named.put((version, name), spec)
         return spec
 
     def metas(self) -> list[VectorMeta]:

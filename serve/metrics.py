@@ -9,7 +9,7 @@ The metric list with labels and meaning is in docs/ARCHITECTURE.md ("Metrics").
   route's template, never the raw path), status and composition. It is the outermost middleware, so requests
   refused by the key or body guards are counted too; a route names its composition with `note_composition`.
 - `ModelMetrics` (the model replica): rows, requests and compositions per batch, and the prompt cache's hits,
-  misses and evictions, read from `serve.batching.PromptCache`'s own counters (so the cache stays Ray-free).
+  misses and evictions, read from the prompt cache's own counters (`tpv.cache.BoundedLRU`, which stays Ray-free).
 
 Label values are bounded, so a client cannot grow Prometheus' series: unknown paths are one route value
 (`unmatched`); a composition gets its own value once it has been served (before that an error is `unserved`), for
@@ -28,8 +28,9 @@ from ray.serve.metrics import Counter, Gauge, Histogram
 from starlette.routing import Router, compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from serve.batching import BatchReport, PromptCache
+from serve.batching import BatchReport
 from serve.schemas import InlineComposition
+from tpv.cache import BoundedLRU
 
 MAX_COMPOSITION_LABELS = 512
 MAX_LABEL_CHARS = 120
@@ -166,19 +167,19 @@ class ModelMetrics:
             for name, text in (("entries", "compositions held in the prompt cache"),
                                ("bytes", "bytes the prompt cache holds (prompts and keys/values)"))
         }
-        self._cache: PromptCache | None = None
+        self._cache: BoundedLRU | None = None
         self._exported: dict[str, int] = {}
 
-    def record(self, kind: str, report: BatchReport, cache: PromptCache) -> None:
+    def record(self, kind: str, report: BatchReport, cache: BoundedLRU) -> None:
         tags = {"kind": kind}
         self.rows.observe(report.rows, tags=tags)
         self.requests.observe(report.requests, tags=tags)
         self.compositions.observe(report.compositions, tags=tags)
         self.sync_cache(cache)
 
-    def sync_cache(self, cache: PromptCache) -> None:
+    def sync_cache(self, cache: BoundedLRU) -> None:
         """Add what the cache counted since the last call (a new cache, after a reconfigure, starts from zero)."""
-        info: dict[str, Any] = cache.info()
+        info: dict[str, Any] = cache.info().model_dump()
         if cache is not self._cache:
             self._cache, self._exported = cache, {}
         for name, counter in self.cache_counters.items():

@@ -363,4 +363,4 @@ class TPVModel:
             replica = "local"
         return {"backbone_id": server.backbone.backbone_id, "is_seq2seq": server.backbone.is_seq2seq,
                 "store_version": server.watcher.version, "reloads": server.watcher.reloads, "replica": replica,
-                "prompt_cache": server.cache.info(), "batching": copy.deepcopy(self._stats)}
+                "prompt_cache": server.cache.info().model_dump(), "batching": copy.deepcopy(self._stats)}

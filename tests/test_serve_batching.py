@@ -14,13 +14,13 @@ import torch
 from serve.batching import (
     BatchReport,
     GenerateItem,
-    PromptCache,
     PromptEntry,
     PromptServer,
     ScoreItem,
     _stacked_prompt,
     gathers_prefixes,
     generate_batch,
+    prompt_cache,
     score_batch,
 )
 from tpv.backbone import Backbone, BackboneConfig, PromptPrefix
@@ -139,10 +139,10 @@ def test_causal_entries_carry_the_prompt_prefix_and_are_reused(causal, tmp_path)
     again = server.entry(CompositionSpec.model_validate(reordered))
     assert again is first and server.cached(spec) is first
     assert server.composer.cache_info().misses == before
-    assert server.cache.info()["hits"] >= 2
+    assert server.cache.info().hits >= 2
     # ONE cache per replica: the composer keeps nothing, so the byte bound is spent once
     assert server.composer.cache_info().entries == 0 and server.composer.cache_info().bytes == 0
-    assert server.cache.info()["bytes"] == first.nbytes()
+    assert server.cache.info().bytes == first.nbytes()
     # scoring twice through the cached prefix leaves it untouched
     one = score_batch(causal, [ScoreItem(first, SOURCES[:3], ONE_TOKEN)])[0][0]
     two = score_batch(causal, [ScoreItem(first, SOURCES[:3], ONE_TOKEN)])[0][0]
@@ -155,19 +155,20 @@ def test_prompt_cache_is_bounded_in_entries_and_bytes(causal, tmp_path):
     specs = _specs(causal)
     entries = [server.entry(s) for s in specs]
     info = server.cache.info()
-    assert info["entries"] == 2 and info["evictions"] == 1
+    assert info.entries == 2 and info.evictions == 1
     assert server.cached(specs[0]) is None and server.cached(specs[2]) is entries[2]  # least recently used went
     size = entries[0].nbytes()
-    cache = PromptCache(max_entries=100, max_bytes=2 * size + size // 2)
+    cache = prompt_cache(max_entries=100, max_bytes=2 * size + size // 2)
     for e in entries:
-        cache.put(e)
-    assert len(cache) == 2 and cache.info()["bytes"] <= cache.max_bytes
-    assert cache.get(entries[0].key, entries[0].version) is None
-    tiny = PromptCache(max_entries=100, max_bytes=size - 1)
-    tiny.put(entries[0])  # larger than the whole budget: not kept
+        cache.put((e.version, e.key), e)
+    assert len(cache) == 2 and cache.info().bytes == 2 * size and cache.info().evictions == 1
+    assert cache.get((entries[0].version, entries[0].key)) is None
+    assert cache.get((entries[2].version, entries[2].key)) is entries[2]
+    tiny = prompt_cache(max_entries=100, max_bytes=size - 1)
+    tiny.put((entries[0].version, entries[0].key), entries[0])  # larger than the whole budget: not kept
     assert len(tiny) == 0
-    cache.drop_versions_except("another-version")
-    assert len(cache) == 0 and cache.info()["bytes"] == 0
+    assert cache.drop(lambda key: key[0] != "another-version") == 2
+    assert len(cache) == 0 and cache.info().bytes == 0
 
 
 def test_hot_reload_replaced_vector_and_named_composition(causal, tmp_path):

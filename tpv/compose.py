@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
-from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -37,6 +35,7 @@ from pydantic import (
     model_validator,
 )
 
+from tpv.cache import BoundedLRU, CacheInfo, StoreWatcher
 from tpv.errors import InvalidInput
 from tpv.merge import MergeError, check_inputs, get_method, merge, parse_params
 from tpv.names import Name
@@ -44,7 +43,7 @@ from tpv.store import CorruptVector, UnknownVector, VectorStore
 from tpv.vectors import VectorMeta
 
 __all__ = [
-    "CacheInfo", "CompositionBody", "CompositionError", "CompositionSpec", "CompositionTerm", "Composer",
+    "CompositionBody", "CompositionError", "CompositionSpec", "CompositionTerm", "Composer",
     "MAX_TERMS", "MAX_WEIGHT", "UnknownVector", "prompt_length_of", "task_vectors",
 ]
 
@@ -200,16 +199,6 @@ def prompt_length_of(store: VectorStore, backbone_id: str, body: CompositionBody
     return lengths[0]
 
 
-class CacheInfo(BaseModel):
-    hits: int
-    misses: int
-    evictions: int
-    entries: int
-    bytes: int
-    max_entries: int
-    max_bytes: int
-
-
 class Composer:
     """Builds prompts from specs against one store, with an LRU cache bounded in entries and bytes.
 
@@ -230,22 +219,15 @@ class Composer:
         max_bytes: int = 256 * 2**20,
         watch_interval_s: float | None = None,
     ) -> None:
-        if max_entries < 0 or max_bytes < 0:
-            raise ValueError(f"cache bounds must be >= 0, got max_entries={max_entries}, max_bytes={max_bytes}")
         if watch_interval_s is not None and not watch_interval_s >= 0:
             raise ValueError(f"watch_interval_s must be None or >= 0, got {watch_interval_s}")
         self.store = store
         self.origin_fn = origin_fn
-        self.max_entries = max_entries
-        self.max_bytes = max_bytes
-        self.watch_interval_s = watch_interval_s
-        self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
-        self._bytes = 0
-        self._hits = self._misses = self._evictions = 0
-        self._generation = 0
+        self._cache: BoundedLRU[str, torch.Tensor] = BoundedLRU(max_entries, max_bytes, _tensor_bytes)
+        self._generation = 0  # bumped by invalidate: a build started before it must not insert its prompt
         self._lock = threading.Lock()
-        self._version = store.version() if watch_interval_s is not None else None
-        self._checked_at = time.monotonic()
+        self._watcher = (StoreWatcher(store, watch_interval_s, lambda _version: self.invalidate())
+                         if watch_interval_s is not None else None)
 
     # ---- cache --------------------------------------------------------------------------------------------------
 
@@ -253,42 +235,10 @@ class Composer:
         """Drop every cached prompt (and make builds already in flight not insert theirs)."""
         with self._lock:
             self._cache.clear()
-            self._bytes = 0
             self._generation += 1
 
     def cache_info(self) -> CacheInfo:
-        with self._lock:
-            return CacheInfo(
-                hits=self._hits, misses=self._misses, evictions=self._evictions, entries=len(self._cache),
-                bytes=self._bytes, max_entries=self.max_entries, max_bytes=self.max_bytes,
-            )
-
-    def _watch(self) -> None:
-        if self.watch_interval_s is None:
-            return
-        now = time.monotonic()
-        if now - self._checked_at < self.watch_interval_s:
-            return
-        self._checked_at = now
-        version = self.store.version()
-        if version != self._version:
-            self._version = version
-            self.invalidate()
-
-    def _insert(self, key: str, value: torch.Tensor, generation: int) -> None:
-        size = value.numel() * value.element_size()
-        with self._lock:
-            if generation != self._generation or size > self.max_bytes or self.max_entries == 0:
-                return
-            old = self._cache.pop(key, None)
-            if old is not None:
-                self._bytes -= old.numel() * old.element_size()
-            self._cache[key] = value
-            self._bytes += size
-            while len(self._cache) > self.max_entries or self._bytes > self.max_bytes:
-                _, evicted = self._cache.popitem(last=False)
-                self._bytes -= evicted.numel() * evicted.element_size()
-                self._evictions += 1
+        return self._cache.info()
 
     # ---- building -----------------------------------------------------------------------------------------------
 
@@ -324,16 +274,14 @@ class Composer:
     def compose(self, spec: CompositionSpec | Mapping[str, Any]) -> torch.Tensor:
         """origin(L, seed) + merged delta, in the origin's dtype and device; a fresh tensor on every call."""
         spec = self._spec(spec)
-        self._watch()
+        if self._watcher is not None:
+            self._watcher.check()
         key = spec.canonical()
         with self._lock:
-            cached = self._cache.get(key)
-            if cached is not None:
-                self._cache.move_to_end(key)
-                self._hits += 1
-                return cached.clone()
-            self._misses += 1
             generation = self._generation
+        cached = self._cache.get(key)
+        if cached is not None:
+            return cached.clone()
         delta, _ = self.delta(spec)
         origin = self.origin_fn(spec.prompt_length, spec.origin_seed)
         if not isinstance(origin, torch.Tensor) or origin.dim() != 2 or origin.shape[0] != spec.prompt_length:
@@ -344,7 +292,9 @@ class Composer:
                 f"vectors have hidden size {delta.shape[1]} but the origin has {origin.shape[1]}: wrong backbone?"
             )
         out = (origin.detach().to(torch.float32) + delta.to(origin.device)).to(origin.dtype)
-        self._insert(key, out, generation)
+        with self._lock:
+            if generation == self._generation:
+                self._cache.put(key, out)
         return out.clone()
 
     # ---- named compositions -------------------------------------------------------------------------------------
@@ -371,3 +321,7 @@ class Composer:
     @staticmethod
     def _spec(spec: CompositionSpec | Mapping[str, Any]) -> CompositionSpec:
         return spec if isinstance(spec, CompositionSpec) else CompositionSpec.model_validate(dict(spec))
+
+
+def _tensor_bytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
