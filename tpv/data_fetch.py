@@ -37,7 +37,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict
 
 from tpv.errors import Unavailable
-from tpv.paths import archives_dir, atomic_write
+from tpv.paths import archives_dir, atomic_write, sha256_file
 from tpv.tasks import SPLITS, Split, get_task, make_splits, task_data_dir
 from tpv.tasks.builtin import TREC_FINE_LABELS
 from tpv.tasks.paper import HUB_SOURCES
@@ -336,14 +336,6 @@ RECIPES: dict[str, Recipe] = {
 
 
 # ------------------------------------------------------------------------------------------------ archives
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
 
 def _verified(archive: Archive, path: Path) -> Path:
     actual = sha256_file(path)

@@ -28,7 +28,7 @@ import datasets
 
 from tpv.errors import CorruptData, Unavailable
 from tpv.metrics import NO_ANSWER, boxed_answer
-from tpv.paths import atomic_write
+from tpv.paths import atomic_write, sha256_file
 from tpv.tasks import SPLITS, get_task, make_splits, task_data_dir
 from tpv.tasks.paper import HUB_SOURCES, HubSource
 from tpv.tasks.spec import TaskSpec
@@ -56,8 +56,6 @@ def mirror_folder(source: HubSource) -> Path | None:
 
 
 def _sha256s(files: list[Path], base: Path | None) -> dict[str, str]:
-    from tpv.data_fetch import sha256_file
-
     return {str(f.relative_to(base) if base else f): sha256_file(f) for f in sorted(set(files))}
 
 
