@@ -1,8 +1,21 @@
 """The metric of a prompt on a list of examples, and of many prompts at once.
 
-Classification is rank classification: every label string is scored by likelihood and the best one wins, which
-also gives calibrated per-label probabilities for serving. Regression generates the number and parses it. On
-causal backbones the prompt's keys/values are computed once for the whole evaluation.
+Two evaluation modes (`EvalMode`), reported side by side by `evaluate_modes`:
+
+- ``rank`` (tpv's default): classification is rank classification: every label string is scored by likelihood and
+  the best one wins, which also gives calibrated per-label probabilities for serving (and `label_logprob`, the
+  mean log-probability of the gold label, a tie-break between equally accurate prompts).
+- ``generate`` (the paper's): the target text is generated greedily and matched exactly against the label words;
+  a generation that is no label counts as wrong (its prediction is the class -1, which no reference holds: for
+  ``macro_f1`` it is one more class, of F1 0, as sklearn's macro average counts a stray prediction). Reports the
+  task's metric on those predictions, ``accuracy``, ``exact_match`` (the generation is the gold target text) and
+  ``unmatched`` (the share of generations that are no label).
+
+Tasks without labels have nothing to rank: they are generated in either mode. Regression parses the number
+(``pearson`` and ``spearman``, ``parse_failures``); text tasks (SQuAD v2, MATH) score the generated text against the
+example's target (``squad_em`` and ``squad_f1``; ``math_exact``), a SQuAD target of ``tpv.metrics.NO_ANSWER``
+matched only by an empty or "unanswerable" answer. On causal backbones the prompt's keys/values are computed once
+for the whole evaluation.
 
 `evaluate_many` evaluates many prompts at once (cross-origin tables, weight-search candidates, the addition's
 coefficient grid, the evaluations of a training pack), many per forward pass on a GPU (`prompts_per_pass`): each
@@ -16,13 +29,34 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor
 
 from tpv.backbone import Backbone, BackboneInputError, Prompt
+from tpv.errors import InvalidInput
 from tpv.metrics import compute_metric
 from tpv.tasks import Example, TaskSpec
+
+#: how a classification task is scored: `rank` the label likelihoods (tpv's), `generate` the greedy text matched
+#: exactly against the label words (the paper's); tasks without labels are generated in either mode
+EvalMode = Literal["rank", "generate"]
+EVAL_MODES: tuple[EvalMode, ...] = get_args(EvalMode)
+
+#: what a label-less task reports beside its own metric: both correlations of a regression, both SQuAD scores
+REPORTED_WITH: dict[str, tuple[str, ...]] = {
+    "pearson": ("pearson", "spearman"), "spearman": ("spearman", "pearson"),
+    "squad_em": ("squad_em", "squad_f1"), "squad_f1": ("squad_f1", "squad_em"), "math_exact": ("math_exact",),
+}
+
+#: the prediction of a generation that is none of the task's label words: a class no reference holds
+UNMATCHED = -1
+
+
+def modes_for(task: TaskSpec) -> tuple[EvalMode, ...]:
+    """The modes that differ on `task`: both for classification, `generate` alone for a task without labels."""
+    return EVAL_MODES if task.labels else ("generate",)
 
 
 def shared_prompt(backbone: Backbone, prompt: Tensor) -> Prompt:
@@ -142,25 +176,41 @@ def _group_scores(backbone: Backbone, prompts: list[Tensor], group: LabelGroup, 
     return [torch.cat(p) for p in parts]
 
 
+def _per_prompt(modes: EvalMode | Sequence[EvalMode], n: int) -> list[EvalMode]:
+    found = [modes] * n if isinstance(modes, str) else list(modes)
+    if len(found) != n:
+        raise InvalidInput(f"{len(found)} evaluation modes for {n} prompts")
+    for mode in found:
+        if mode not in EVAL_MODES:
+            raise InvalidInput(f"unknown evaluation mode {mode!r}; choose one of {', '.join(EVAL_MODES)}")
+    return found
+
+
 def evaluate_many(
     backbone: Backbone, prompts: Sequence[Tensor], tasks: Sequence[TaskSpec], examples: Sequence[list[Example]],
-    batch_size: int = 32, per_pass: int | None = None,
+    batch_size: int = 32, per_pass: int | None = None, modes: EvalMode | Sequence[EvalMode] = "rank",
+    max_new_tokens: int | None = None,
 ) -> list[dict[str, float]]:
-    """`evaluate(backbone, prompts[i], tasks[i], examples[i])` for every i, in shared forward passes where they pay.
+    """`evaluate(backbone, prompts[i], tasks[i], examples[i], mode=modes[i])` for every i, in shared forward passes
+    where they pay.
 
-    Classification prompts of one prompt length whose label sets join (`label_groups`) share passes, up to
-    `per_pass` prompts each (default `prompts_per_pass` of the backbone's device); regression prompts are evaluated
-    one by one (generation)."""
+    `modes`: one mode for all prompts or one per prompt. Ranked classification prompts of one prompt length whose
+    label sets join (`label_groups`) share passes, up to `per_pass` prompts each (default `prompts_per_pass` of the
+    backbone's device); the others are generated one prompt at a time, up to `max_new_tokens` new tokens (default
+    the backbone's `max_target_tokens`)."""
     if not len(prompts) == len(tasks) == len(examples):
         raise ValueError("evaluate_many needs one task and one example list per prompt")
+    modes = _per_prompt(modes, len(prompts))
     results: list[dict[str, float] | None] = [None] * len(prompts)
     for i, (task, rows) in enumerate(zip(tasks, examples)):
         if not rows:
             raise ValueError(f"no examples to evaluate task {task.name!r} on")
-        if not task.labels:
-            results[i] = evaluate(backbone, prompts[i], task, rows, batch_size)
+    classified = [i for i, task in enumerate(tasks) if task.labels and modes[i] == "rank"]
+    for i in range(len(prompts)):
+        if i not in classified:
+            texts = generations(backbone, prompts[i], examples[i], batch_size, max_new_tokens)
+            results[i] = generated_metrics(tasks[i], texts, examples[i])
     per_pass = per_pass or prompts_per_pass(str(backbone.device))
-    classified = [i for i, task in enumerate(tasks) if task.labels]
     for length in dict.fromkeys(prompts[i].shape[-2] for i in classified):
         same = [i for i in classified if prompts[i].shape[-2] == length]
         for group in label_groups(backbone, [tasks[i].labels for i in same]):
@@ -175,27 +225,60 @@ def evaluate_many(
 
 
 @torch.no_grad()
-def evaluate(
-    backbone: Backbone, prompt: Tensor, task: TaskSpec, examples: list[Example], batch_size: int = 32,
-    exact_match: bool = False,
-) -> dict[str, float]:
-    """{task.metric: value, ...}; `exact_match` adds the paper's generate-and-match accuracy (slower)."""
+def generations(backbone: Backbone, prompt: Tensor, examples: list[Example], batch_size: int = 32,
+                max_new_tokens: int | None = None) -> list[str]:
+    """The greedy text after `prompt` and each example's source (stripped), `max_new_tokens` at most (default the
+    backbone's `max_target_tokens`, the length training cuts targets to)."""
+    prompt = prompt.detach().reshape(prompt.shape[-2:])
+    budget = max_new_tokens or backbone.config.max_target_tokens
+    sources = [e.source for e in examples]
+    texts: list[str] = []
+    for i in range(0, len(sources), batch_size):
+        texts += backbone.generate(prompt, sources[i : i + batch_size], max_new_tokens=budget)
+    return texts
+
+
+def generated_metrics(task: TaskSpec, texts: list[str], examples: list[Example]) -> dict[str, float]:
+    """The metrics of generated texts, one per example (see the module docstring for what each task reports)."""
+    if len(texts) != len(examples):
+        raise ValueError(f"{len(texts)} generations for {len(examples)} examples")
     if not examples:
         raise ValueError(f"no examples to evaluate task {task.name!r} on")
-    results: dict[str, float] = {}
+    refs = [e.label for e in examples]
     if task.labels:
-        results = evaluate_many(backbone, [prompt], [task], [examples], batch_size)[0]
-    if exact_match or not task.labels:
-        sources = [e.source for e in examples]
-        refs = [e.label for e in examples]
-        texts: list[str] = []
-        for i in range(0, len(sources), batch_size):
-            texts += backbone.generate(prompt, sources[i : i + batch_size], max_new_tokens=backbone.config.max_target_tokens)
-        if task.labels:
-            results["exact_match"] = sum(t == e.target for t, e in zip(texts, examples)) / len(examples)
-        else:
-            parsed = [_parse_number(t) for t in texts]
-            results["parse_failures"] = float(sum(p is None for p in parsed))
-            fallback = sum(refs) / len(refs)  # an unparsable answer counts as the mean, not as a crash
-            results[task.metric] = compute_metric(task.metric, [fallback if p is None else p for p in parsed], refs)
-    return results
+        index = {label.strip(): k for k, label in enumerate(task.labels)}
+        preds = [index.get(text.strip(), UNMATCHED) for text in texts]
+        results = {task.metric: compute_metric(task.metric, preds, refs)}
+        results.setdefault("accuracy", compute_metric("accuracy", preds, refs))
+        results["exact_match"] = sum(t.strip() == e.target.strip() for t, e in zip(texts, examples)) / len(examples)
+        results["unmatched"] = sum(p == UNMATCHED for p in preds) / len(preds)
+        return results
+    if task.is_regression:
+        parsed = [_parse_number(t) for t in texts]
+        fallback = sum(refs) / len(refs)  # an unparsable answer counts as the mean, not as a crash
+        values = [fallback if p is None else p for p in parsed]
+        results = {name: compute_metric(name, values, refs) for name in REPORTED_WITH[task.metric]}
+        results["parse_failures"] = float(sum(p is None for p in parsed))
+        return results
+    return {name: compute_metric(name, texts, refs) for name in REPORTED_WITH[task.metric]}
+
+
+def evaluate(
+    backbone: Backbone, prompt: Tensor, task: TaskSpec, examples: list[Example], batch_size: int = 32,
+    mode: EvalMode = "rank", max_new_tokens: int | None = None,
+) -> dict[str, float]:
+    """{task.metric: value, ...} of one prompt in one mode (`EvalMode`): a pack of one (`evaluate_many`)."""
+    return evaluate_many(backbone, [prompt], [task], [examples], batch_size, modes=mode,
+                         max_new_tokens=max_new_tokens)[0]
+
+
+def evaluate_modes(
+    backbone: Backbone, prompt: Tensor, task: TaskSpec, examples: list[Example], batch_size: int = 32,
+    modes: Sequence[EvalMode] | None = None, max_new_tokens: int | None = None,
+) -> dict[EvalMode, dict[str, float]]:
+    """Rank and generate side by side: {mode: evaluate(..., mode=mode)} for each of `modes` (default `modes_for`
+    the task: both for classification; `generate` alone for a task without labels, whose modes coincide)."""
+    chosen = list(modes_for(task) if modes is None else dict.fromkeys(modes))
+    found = evaluate_many(backbone, [prompt] * len(chosen), [task] * len(chosen), [examples] * len(chosen),
+                          batch_size, modes=chosen, max_new_tokens=max_new_tokens)
+    return dict(zip(chosen, found))
