@@ -113,3 +113,28 @@ def test_train_config_file_keeps_its_backbone_block(trained, tiny_causal_path):
     assert shown["origin_seed"] == 7
     assert shown["train_config"]["backbone"]["model"] == str(tiny_causal_path)
     assert shown["train_config"]["backbone"]["max_source_tokens"] == 17
+
+
+def test_eval_reports_rank_and_generate_side_by_side(trained, tiny_causal_path):
+    """`--eval both`: the label-likelihood figures exactly as `--eval rank` prints them, and the paper's generate-and-
+    match accuracy equal to greedy generations compared with the gold label words by hand."""
+    from tpv.backbone import Backbone, BackboneConfig
+    from tpv.compose import Composer
+    from tpv.prompt import make_origin
+    from tpv.store import VectorStore
+
+    home, _ = trained
+    common = ("--task", "cli_sentiment", "--name", "half", "--backbone", str(tiny_causal_path))
+    both = tpv("eval", *common, "--eval", "both", home=home)
+    assert both.returncode == 0, both.stderr
+    found = json.loads(both.stdout)
+    assert set(found) == {"rank", "generate"}
+    assert found["rank"] == json.loads(tpv("eval", *common, home=home).stdout)
+    backbone = Backbone.load(BackboneConfig(model=str(tiny_causal_path)))
+    prompt = Composer(VectorStore(home / "store"), lambda n, seed: make_origin(backbone, n, seed)).compose_named(
+        backbone.backbone_id, "half")
+    rows = [json.loads(line) for line in (home / "cli_sentiment.jsonl").read_text().splitlines()]
+    texts = backbone.generate(prompt, [f"review: {r['text']} sentiment:" for r in rows], 16)
+    gold = [r["label"] for r in rows]
+    assert found["generate"]["accuracy"] == sum(t == g for t, g in zip(texts, gold)) / len(rows)
+    assert found["generate"]["unmatched"] == sum(t not in ("negative", "positive") for t in texts) / len(rows)

@@ -234,8 +234,6 @@ def generated_label_task(oracle) -> TaskSpec:
     return spec
 
 
-@pytest.mark.xfail(strict=True, reason="tpv/packed.py `_evaluate` does not pass modes=[r.config.eval_mode ...] to "
-                   "evaluate_many yet: training still selects on rank")
 def test_training_can_select_on_the_generated_metric(sharp, generated_label_task):
     cfg = TrainConfig(task=generated_label_task.name, backbone=BackboneConfig(model=sharp.config.model, device="cpu",
                       max_target_tokens=NEW_TOKENS), prompt_length=4, lr=0.3, warmup_steps=1, batch_size=4,

@@ -18,6 +18,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from tpv.errors import InvalidInput, TpvError, exit_code
+from tpv.evaluate import EVAL_MODES
 from tpv.paths import default_store
 from tpv.train import PRESETS
 from tpv.vectors import SIMILARITY_MODES
@@ -129,7 +130,7 @@ def cmd_train(args) -> None:
 
 def cmd_eval(args) -> None:
     from tpv.compose import Composer
-    from tpv.evaluate import evaluate
+    from tpv.evaluate import evaluate_modes
     from tpv.prompt import make_origin
     from tpv.tasks import get_task, load_split
 
@@ -142,7 +143,11 @@ def cmd_eval(args) -> None:
         spec.setdefault("prompt_length", _prompt_length_of(store, spec, backbone.backbone_id))
         prompt = composer.compose(spec)
     examples = load_split(args.task, args.split, limit=args.limit)
-    print(json.dumps(evaluate(backbone, prompt, get_task(args.task), examples), indent=2))
+    task = get_task(args.task)
+    both = args.eval == "both"
+    modes = None if both else [args.eval if task.labels else "generate"]  # label-less tasks only generate
+    found = evaluate_modes(backbone, prompt, task, examples, modes=modes, max_new_tokens=args.max_new_tokens)
+    print(json.dumps(found if both else next(iter(found.values())), indent=2))
 
 
 def cmd_vectors(args) -> None:
@@ -259,8 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--task", required=False)
     train.add_argument("--config", help="a TrainConfig YAML file (flags below override it)")
     train.add_argument("--preset", choices=list(PRESETS), default="causal_cpu",
-                       help="a named recipe (tpv.train.PRESETS): paper (the paper's T5 recipe), causal (the recipe "
-                       "adopted for causal LMs, mid budget), causal_cpu (the same at the demo's CPU budget)")
+                       help="a named recipe (tpv.train.PRESETS; docs/BACKBONES.md): t5_paper and llm_paper (the "
+                       "paper's T5 and LLM recipes; paper = the TrainConfig defaults), causal (the recipe adopted for "
+                       "causal LMs, mid budget), causal_cpu (the same at the demo's CPU budget)")
     train.add_argument("--seed", type=int, help="origin seed")
     train.add_argument("--steps", type=int, help="max steps")
     train.add_argument("--shots", type=int, help="few-shot: k examples per class")
@@ -274,6 +280,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--split", default="test", choices=["train", "validation", "test"])
     ev.add_argument("--limit", type=int, default=None)
     ev.add_argument("--name", help="a named composition from the store")
+    ev.add_argument("--eval", default="rank", choices=[*EVAL_MODES, "both"],
+                    help="rank: label likelihoods (default); generate: the paper's greedy generation matched exactly "
+                    "against the label words; both: the two side by side. Tasks without labels always generate")
+    ev.add_argument("--max-new-tokens", type=int, default=None,
+                    help="generation length (default the backbone's max_target_tokens; MATH needs more)")
     _add_composition(ev)
     _add_common(ev)
     ev.set_defaults(func=cmd_eval)

@@ -236,7 +236,8 @@ def _step_losses(backbone: Backbone, runs: list[_Run], groups: dict[int, LabelGr
 def _evaluate(backbone: Backbone, runs: list[_Run]) -> list[Evaluation]:
     """Evaluate the due runs in shared passes; keep each one's best prompt and patience count."""
     found = evaluate_many(backbone, [r.prompt.weight.detach() for r in runs], [r.task for r in runs],
-                          [r.dev_set for r in runs], max(r.config.eval_batch_size for r in runs))
+                          [r.dev_set for r in runs], max(r.config.eval_batch_size for r in runs),
+                          modes=[r.config.eval_mode for r in runs])
     evaluations = []
     for run, metrics in zip(runs, found):
         state = run.state
@@ -277,13 +278,15 @@ def train_pack(
 
     `resume[i]` restarts prompt i from its checkpoint (None: from its start); `on_eval` gets every step's
     evaluations, `on_finish` each prompt the moment it finishes. `recompute`: activation checkpointing
-    (`recomputed_layers`), for passes whose activations would not fit. `per_pass`: prompts per forward pass
-    (default `runs_per_pass` of the backbone's device)."""
+    (`recomputed_layers`), for passes whose activations would not fit, and always when the backbone config asks
+    for `gradient_checkpointing`. `per_pass`: prompts per forward pass (default `runs_per_pass` of the backbone's
+    device)."""
     started = time.perf_counter()
     if not configs:
         raise InvalidInput("a pack needs at least one run")
     if len({c.backbone.model_dump_json() for c in configs}) != 1:
         raise InvalidInput("the runs of a pack share one backbone: their backbone configs differ")
+    recompute = recompute or configs[0].backbone.gradient_checkpointing
     backbone = backbone or Backbone.load(configs[0].backbone)
     per_pass = per_pass or runs_per_pass(str(backbone.device))
     resume = list(resume) if resume is not None else [None] * len(configs)
@@ -374,7 +377,10 @@ def _estimate(configs: Sequence[TrainConfig], device: str) -> tuple[int, int]:
     model_config = AutoConfig.from_pretrained(path)
     dtype_bytes = 4 if configs[0].backbone.dtype == "float32" or (
         configs[0].backbone.dtype == "auto" and not device.startswith("cuda")) else 2
-    weights = sum(f.stat().st_size for f in Path(path).glob("*.safetensors")) * dtype_bytes // 4
+    # the files hold the checkpoint's own dtype (bf16 for the paper's LLMs): parameters = file bytes / its width
+    stored = str(getattr(model_config, "dtype", None) or getattr(model_config, "torch_dtype", None) or "float32")
+    stored_bytes = 2 if stored.removeprefix("torch.") in ("bfloat16", "float16") else 4
+    weights = sum(f.stat().st_size for f in Path(path).glob("*.safetensors")) * dtype_bytes // stored_bytes
     return weights, max(activation_bytes(c, model_config, dtype_bytes, device) for c in configs)
 
 

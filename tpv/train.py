@@ -363,4 +363,4 @@ def train(
             callback(e.step, e.metrics, e.state)
 
     return train_pack([config], backbone, store, on_eval=report if callback is not None else None,
-                      resume=[resume], recompute=config.backbone.gradient_checkpointing)[0]
+                      resume=[resume])[0]
