@@ -1,9 +1,10 @@
 """Backbones that ship inside pip packages, prepared once into plain safetensors folders.
 
-Nothing here reaches a model hub (hub ids resolve through `tpv.hub_models`, from the HF cache). The bundled packages carry GGUF files; transformers dequantizes them in ~20 s,
-so we do that once and keep a plain `save_pretrained` copy under `models_dir()`: later loads take well under a
-second and give identical logits. Several Ray trials may start at once, so the copy is written to a temp folder
-and renamed into place (the first finisher wins, the others discard theirs).
+Nothing here reaches a model hub (hub ids resolve through `tpv.hub_models`, from the HF cache). The bundled
+packages carry GGUF files; transformers dequantizes them in ~20 s, so we do that once and keep a plain
+`save_pretrained` copy under `models_dir()`: later loads take well under a second and give identical logits.
+Several Ray trials may start at once, so the copy is written to a temp folder and renamed into place (the first
+finisher wins, the others discard theirs).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from tpv.errors import Unavailable
+from tpv.hub_models import BackboneNotFound, looks_like_hub_id, resolve_hub_model
 from tpv.paths import models_dir
 
 
@@ -52,10 +53,6 @@ BUNDLED: dict[str, BundledModel] = {
 DEFAULT_BACKBONE = "smollm2-135m-instruct"
 
 
-class BackboneNotFound(Unavailable, FileNotFoundError):
-    """Neither a bundled name nor a local model folder."""
-
-
 def resolve_model_path(name_or_path: str) -> Path:
     """A loadable `from_pretrained` folder for a bundled name, a local path, or a hub id in the user's HF cache.
 
@@ -67,8 +64,6 @@ def resolve_model_path(name_or_path: str) -> Path:
     path = Path(name_or_path).expanduser()
     if path.is_dir() and (path / "config.json").exists():
         return path
-    from tpv.hub_models import looks_like_hub_id, resolve_hub_model
-
     if not path.exists() and looks_like_hub_id(name_or_path):
         return resolve_hub_model(name_or_path)
     raise BackboneNotFound(

@@ -19,14 +19,17 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from tpv.bundled import BackboneNotFound
-from tpv.errors import NotFoundError
+from tpv.errors import NotFoundError, Unavailable
 
 ALLOW_DOWNLOAD_ENV = "TPV_ALLOW_DOWNLOAD"
 _TRUE = {"1", "true", "yes", "on"}
 #: repository files a backbone never needs (duplicate checkpoints in other formats)
 _IGNORED = ["original/*", "*.pth", "*.gguf", "*.onnx", "*.onnx_data", "onnx/*", "*.h5", "*.msgpack", "*.ot",
             "*.tflite", "coreml/*", "flax_model*", "tf_model*", "rust_model*"]
+
+
+class BackboneNotFound(Unavailable, FileNotFoundError):
+    """Neither a bundled name, a local model folder, nor a hub model this machine has or may fetch."""
 
 
 class HubModelUnavailable(BackboneNotFound):
