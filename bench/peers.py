@@ -509,10 +509,14 @@ async def main(argv: list[str] | None = None) -> None:
         out = fn(*a)
         return await out if asyncio.iscoroutine(out) else out
 
-    for fn in classify_sides.values():  # warm-up: every composition cached, the first batches run
+    for side, fn in classify_sides.items():  # warm-up: every composition cached, the first batches run
+        start = time.perf_counter()
         await call(fn)
-    for fn in generate_sides.values():
+        print(f"  warm-up classify {side}: {time.perf_counter() - start:.3f} s", flush=True)
+    for side, fn in generate_sides.items():
+        start = time.perf_counter()
         await call(fn, 2)
+        print(f"  warm-up generate {side}: {time.perf_counter() - start:.3f} s", flush=True)
     seconds = {"classify": {s: [] for s in classify_sides}, "generate": {s: [] for s in generate_sides}}
     first_ms: dict[str, list[float]] = {s: [] for s in generate_sides}
     probs: dict[str, list] = {}
@@ -522,11 +526,13 @@ async def main(argv: list[str] | None = None) -> None:
             out = await call(classify_sides[side])
             took = out if isinstance(out, float) else out[0]
             seconds["classify"][side].append(took)
+            print(f"  round {r} classify {side}: {took:.3f} s", flush=True)  # a slow machine's run shows progress
             if not isinstance(out, float):
                 probs[side] = out[1]
         for side in (list(generate_sides) if r % 2 == 0 else list(generate_sides)[::-1]):
             out = await call(generate_sides[side], args.tokens)
             seconds["generate"][side].append(out[0])
+            print(f"  round {r} generate {side}: {out[0]:.3f} s", flush=True)
             first_ms[side] += [f * 1000 for f in out[1]]
             gen[side] = out[2:]
         line = "; ".join(f"{task} " + ", ".join(f"{s} {n / v[-1]:.2f}" for s, v in sides.items())
