@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from test_train import write_sentiment_task
 
+from tpv.tasks import get_task, register_task
 from tune_jobs.reproduce import (
     PAPER_TRAIN_POOL,
     ReproduceConfig,
@@ -104,6 +105,8 @@ def test_tiny_reproduction_end_to_end_writes_our_figures_beside_the_papers(tiny_
     folder = tmp_path / "tasks"
     folder.mkdir()
     a, b = write_sentiment_task(folder, "repro_a"), write_sentiment_task(folder, "repro_b")
+    for name in (a, b):  # persisted under the session's TPV_HOME, so the Ray trials find them
+        register_task(get_task(name), overwrite=True, persist=True)
     common = ["--backbone", str(tiny_causal_path), "--preset", "causal_cpu", "--tasks", a, b,
               "--transfer", f"{b}={a}", "--scale", "0.05", "--shots", "0", "2", "--inits", "random", "tpv",
               "--store", str(tmp_path / "store"), "--out", str(tmp_path / "reports"),
