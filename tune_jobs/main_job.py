@@ -18,9 +18,9 @@ Local Ray (or `$RAY_ADDRESS`), the local store, the bundled SmolLM2-135M, real d
 The data are held out from the recipe's selection (`tune_jobs.selections`): none of the tasks, origins or the target
 that `tpv study` chose `causal_cpu` on; the job refuses them unless `--allow-selection-data`, and then says so.
 
-Sized for about 25 minutes on 2 quiet CPU cores (9 sweep runs, c chosen on validation for every TPV init); every
-stage prints progress. Re-running it reuses what is done (stored vectors, finished Tune experiments), so a second
-run takes a few minutes (the serve stage runs again).
+Roughly 40 minutes on 2 quiet CPU cores (9 sweep runs of about 3 minutes, c chosen on validation for every TPV
+init); every stage prints progress. Re-running it reuses what is done (stored vectors, finished Tune experiments),
+so a second run takes a few minutes (the serve stage runs again).
 """
 
 from __future__ import annotations
